@@ -1,0 +1,60 @@
+"""Expert activations, named by a short spec string shared by calibration, runtime and kernels.
+
+- ``"glu:<act>"``: ``act(gate) * up`` with ``gate, up = h[..., :I], h[..., I:]`` (Mixtral, Qwen,
+  OLMoE, DeepSeek); ``<act>`` is a transformers ACT2FN name (silu, gelu, ...).
+- ``"gptoss:<alpha>:<limit>"``: gpt-oss clamped SwiGLU on the de-interleaved halves:
+  ``gate.clamp(max=limit)``, ``up.clamp(-limit, limit)``, ``(up + 1) * gate * sigmoid(alpha * gate)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import RQError
+
+
+@functools.lru_cache(maxsize=32)
+def activation_fn(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``h [N, 2I] -> [N, I]`` for an activation spec (see module docstring)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "glu":
+        from transformers.activations import ACT2FN
+
+        if rest not in ACT2FN:
+            raise RQError(f"unknown expert activation {rest!r} in {spec!r}")
+        act = ACT2FN[rest]
+
+        def glu(h: torch.Tensor) -> torch.Tensor:
+            gate, up = h.chunk(2, dim=-1)
+            return act(gate) * up
+
+        return glu
+    if kind == "gptoss":
+        alpha_s, _, limit_s = rest.partition(":")
+        alpha, limit = float(alpha_s), float(limit_s)
+
+        def gptoss(h: torch.Tensor) -> torch.Tensor:
+            gate, up = h.chunk(2, dim=-1)
+            gate = gate.clamp(max=limit)
+            up = up.clamp(min=-limit, max=limit)
+            return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+        return gptoss
+    raise RQError(f"unknown activation spec {spec!r} (expected 'glu:<act>' or 'gptoss:<alpha>:<limit>')")
+
+
+def expert_forward(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    act: str,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One expert on its tokens: ``x [N, H]``, ``gate_up [2I, H]``, ``down [H, I]`` -> ``[N, H]``."""
+    h = F.linear(x, gate_up, gate_up_bias)
+    return F.linear(activation_fn(act)(h), down, down_bias)

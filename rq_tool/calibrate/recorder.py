@@ -1,0 +1,171 @@
+"""Per-expert statistics recorded during calibration forwards.
+
+One owner, ``ExpertRecorder``, instruments every MoE block of a model for the duration of a
+``with`` block and always restores it. The experts module's forward is swapped for an
+instrumented eager implementation (the same math as transformers' eager experts path) that,
+per logical expert e of each MoE layer, accumulates:
+
+- ``load[e]``: routed token-slots; ``gate_mass[e]``: sum of routing weights;
+- ``output_energy[e]``: sum over routed tokens of ``w * ||y||`` and ``output_power[e]``:
+  ``sum w^2 ||y||^2`` (the signal that quantization noise is measured against);
+- ``quant_error[s][e]``: ``sum w^2 ||y - y_s||^2`` where ``y_s`` uses the expert's weights after
+  a round trip through scheme ``s`` -- what quantizing e would add to the layer output. Both
+  ``y`` and ``y_s`` are computed in fp32 so the storage dtype's rounding does not mask int8 error;
+- ``seq_load [N, E]``: load per calibration sequence (for per-batch LIS).
+
+Routing is untouched: the ids and weights are exactly what the family's router produced.
+Shared experts get a forward hook recording their token count and output energy.
+Legend: T tokens in a forward (B sequences x S positions), K top-k, E experts, H hidden.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..arch import MoEFamily, expert_forward
+from ..quant import get_scheme
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    num_experts: int
+    schemes: tuple[str, ...]
+    load: torch.Tensor = None
+    gate_mass: torch.Tensor = None
+    output_energy: torch.Tensor = None
+    output_power: torch.Tensor = None
+    quant_error: dict[str, torch.Tensor] = field(default_factory=dict)
+    seq_load: list[torch.Tensor] = field(default_factory=list)
+    shared_tokens: int = 0
+    shared_energy: float = 0.0
+    has_shared: bool = False
+
+    def __post_init__(self):
+        E = self.num_experts
+        self.load = torch.zeros(E, dtype=torch.int64)
+        self.gate_mass = torch.zeros(E, dtype=torch.float64)
+        self.output_energy = torch.zeros(E, dtype=torch.float64)
+        self.output_power = torch.zeros(E, dtype=torch.float64)
+        self.quant_error = {s: torch.zeros(E, dtype=torch.float64) for s in self.schemes}
+
+
+class ExpertRecorder:
+    """Context manager that instruments ``model``'s MoE blocks and collects ``LayerStats``."""
+
+    def __init__(self, model: nn.Module, family: MoEFamily, schemes=(), quant_error: bool = True):
+        self.model = model
+        self.family = family
+        self.schemes = tuple(schemes) if quant_error else ()
+        self.act = family.activation(model.config)
+        self.blocks = family.moe_blocks(model)
+        self.stats: list[LayerStats] = []
+        self.batch_size = 1  # sequences in the current forward; set by the runner
+        self._patched: list[nn.Module] = []
+        self._hooks = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "ExpertRecorder":
+        try:
+            for layer, block in self.blocks:
+                experts = block.experts
+                weights = {k: v.detach() for k, v in self.family.canonical_experts(experts).items()}
+                E = weights["gate_up"].shape[0]
+                st = LayerStats(layer, E, self.schemes)
+                st.has_shared = bool(self.family.shared_modules(block))
+                self.stats.append(st)
+                quantized = self._quantized_weights(weights) if self.schemes else {}
+                experts.forward = types.MethodType(self._make_forward(st, weights, quantized), experts)
+                self._patched.append(experts)
+                for shared in self.family.shared_modules(block):
+                    self._hooks.append(shared.register_forward_hook(self._make_shared_hook(st)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for experts in self._patched:
+            experts.__dict__.pop("forward", None)
+        for h in self._hooks:
+            h.remove()
+        self._patched.clear()
+        self._hooks.clear()
+
+    # ------------------------------------------------------------------ internals
+    def _quantized_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """Per scheme: the canonical matrices after a quantize/dequantize round trip (fp32)."""
+        out = {}
+        for s in self.schemes:
+            scheme = get_scheme(s)
+            out[s] = {
+                name: torch.stack([scheme.roundtrip(w) for w in weights[name]])
+                for name in ("gate_up", "down")
+            }
+        return out
+
+    def _make_forward(self, st: LayerStats, weights, quantized):
+        act = self.act
+        recorder = self
+        bias_up, bias_down = weights.get("gate_up_bias"), weights.get("down_bias")
+        f32 = {k: v.float() for k, v in weights.items()} if quantized else {}
+
+        def forward(module, hidden_states, top_k_index, top_k_weights):
+            T, K = top_k_index.shape
+            E = st.num_experts
+            flat = top_k_index.reshape(-1)
+            w_flat = top_k_weights.reshape(-1)
+            st.load += torch.bincount(flat, minlength=E).cpu()
+            st.gate_mass += torch.zeros(E, dtype=torch.float64, device=flat.device).scatter_add_(
+                0, flat, w_flat.double()).cpu()
+            B = recorder.batch_size if T % max(recorder.batch_size, 1) == 0 else 1
+            seq = torch.arange(T * K, device=flat.device) // (T * K // B)
+            st.seq_load.append(torch.zeros(B * E, dtype=torch.int64, device=flat.device).scatter_add_(
+                0, seq * E + flat, torch.ones_like(flat)).view(B, E).cpu())
+
+            out = torch.zeros_like(hidden_states)
+            order = torch.argsort(flat, stable=True)
+            counts = torch.bincount(flat, minlength=E).tolist()
+            start = 0
+            for e, c in enumerate(counts):
+                if c == 0:
+                    continue
+                pos = order[start:start + c]
+                start += c
+                tok = pos // K
+                x = hidden_states[tok]
+                w = w_flat[pos]
+                y = expert_forward(x, weights["gate_up"][e], weights["down"][e], act,
+                                   None if bias_up is None else bias_up[e], None if bias_down is None else bias_down[e])
+                wd = w.double()
+                ny = y.double().norm(dim=-1)
+                st.output_energy[e] += float((wd * ny).sum())
+                if quantized:
+                    x32 = x.float()
+                    bu = None if bias_up is None else f32["gate_up_bias"][e]
+                    bd = None if bias_down is None else f32["down_bias"][e]
+                    y32 = expert_forward(x32, f32["gate_up"][e], f32["down"][e], act, bu, bd)
+                    st.output_power[e] += float((wd.square() * y32.double().square().sum(-1)).sum())
+                    for s, qw in quantized.items():
+                        yq = expert_forward(x32, qw["gate_up"][e], qw["down"][e], act, bu, bd)
+                        st.quant_error[s][e] += float((wd.square() * (y32 - yq).double().square().sum(-1)).sum())
+                else:
+                    st.output_power[e] += float((wd.square() * ny.square()).sum())
+                out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))  # same promotion as eager
+            return out
+
+        return forward
+
+    @staticmethod
+    def _make_shared_hook(st: LayerStats):
+        def hook(module, args, output):
+            y = output[0] if isinstance(output, tuple) else output
+            y = y.reshape(-1, y.shape[-1])
+            st.shared_tokens += int(y.shape[0])
+            st.shared_energy += float(y.double().norm(dim=-1).sum())
+
+        return hook

@@ -1,0 +1,100 @@
+"""``rq_tool.calibrate(...)``: run a model over calibration data and return a ``Profile``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import defaults
+from ..errors import RQError
+from ..lis import lis_by_batch
+from ..modelio import load_model, load_tokenizer, resolve_model_path
+from ..quant import QUANT_SCHEMES, scheme_for_dtype
+from .data import CalibrationData, load_texts, pack
+from .profile import LayerProfile, Profile, config_fingerprint
+from .recorder import ExpertRecorder
+
+
+def calibrate(
+    model: str | Path | None = None,
+    dataset: str = defaults.DEFAULT_DATASET,
+    *,
+    num_samples: int = defaults.NUM_SAMPLES,
+    seq_len: int = defaults.SEQ_LEN,
+    batch_size: int = defaults.BATCH_SIZE,
+    seed: int = defaults.SEED,
+    schemes=QUANT_SCHEMES,
+    quant_error: bool = True,
+    lis_batch_sizes=defaults.LIS_BATCH_SIZES,
+    progress: bool = True,
+) -> Profile:
+    """Profile expert load and importance of an MoE model (``None`` = the bundled tiny MoE)."""
+    path = resolve_model_path(model)
+    hf_model, family = load_model(path)
+    tokenizer = load_tokenizer(path)
+    max_pos = getattr(hf_model.config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise RQError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
+    if batch_size < 1:
+        raise RQError(f"--batch-size must be >= 1 (got {batch_size})")
+    name, texts = load_texts(dataset)
+    data = pack(texts, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed, name=name)
+    layers = profile_model(hf_model, family, data, batch_size=batch_size, schemes=schemes,
+                           quant_error=quant_error, lis_batch_sizes=lis_batch_sizes, progress=progress)
+    first = family.canonical_experts(family.moe_blocks(hf_model)[0][1].experts)
+    return Profile(
+        model={
+            "path": str(path),
+            "model_type": hf_model.config.model_type,
+            "family": family.name,
+            "config_sha256": config_fingerprint(hf_model.config),
+            "num_experts": int(first["gate_up"].shape[0]),
+            "top_k": family.top_k(family.router(family.moe_blocks(hf_model)[0][1])),
+            "num_hidden_layers": int(hf_model.config.num_hidden_layers),
+            "expert_dtype": scheme_for_dtype(first["gate_up"].dtype),
+            "activation": family.activation(hf_model.config),
+        },
+        calibration={
+            "dataset": data.name,
+            "sha256": data.sha256,
+            "texts": data.num_texts,
+            "sequences": int(data.input_ids.shape[0]),
+            "seq_len": int(data.input_ids.shape[1]),
+            "tokens": data.num_tokens,
+            "batch_size": batch_size,
+            "seed": seed,
+        },
+        schemes=list(schemes) if quant_error else [],
+        layers=layers,
+    )
+
+
+def profile_model(hf_model, family, data: CalibrationData, *, batch_size: int, schemes=QUANT_SCHEMES,
+                  quant_error: bool = True, lis_batch_sizes=defaults.LIS_BATCH_SIZES,
+                  progress: bool = True) -> list[LayerProfile]:
+    """Run ``data.input_ids [N, S]`` through an already loaded model under the recorder."""
+    ids = data.input_ids
+    with torch.inference_mode(), ExpertRecorder(hf_model, family, schemes, quant_error) as rec:
+        bar = tqdm(total=ids.shape[0], desc="calibrating", unit="seq", disable=not progress, leave=False)
+        for start in range(0, ids.shape[0], batch_size):
+            batch = ids[start:start + batch_size]
+            rec.batch_size = batch.shape[0]
+            hf_model(input_ids=batch, use_cache=False)
+            bar.update(batch.shape[0])
+        bar.close()
+    out = []
+    for st in rec.stats:
+        seq_load = torch.cat(st.seq_load) if st.seq_load else torch.zeros(0, st.num_experts, dtype=torch.int64)
+        out.append(LayerProfile(
+            layer=st.layer,
+            load=st.load,
+            gate_mass=st.gate_mass,
+            output_energy=st.output_energy,
+            output_power=st.output_power,
+            quant_error=dict(st.quant_error),
+            lis_by_batch=lis_by_batch(seq_load, lis_batch_sizes),
+            shared={"tokens": st.shared_tokens, "output_energy": st.shared_energy} if st.has_shared else None,
+        ))
+    return out

@@ -1,0 +1,46 @@
+"""One source of truth for rq's defaults, file-format names and versions.
+
+The CLI reads its defaults from here (never retyped), and every file rq writes carries a
+``format`` name and an integer ``version`` from here.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+# ---- file formats (name, version) -------------------------------------------------------
+PROFILE_FORMAT = ("rq-profile", 1)
+ROUTING_MAP_FORMAT = ("rq-routing-map", 1)
+MANIFEST_FORMAT = ("rq-manifest", 1)
+RQ_CONFIG_FORMAT = ("rq-config", 1)
+SLOT_FORMAT = ("rq-slots", 1)  # tensor layout of physical slots (see rq_tool/quant/schemes.py)
+
+PROFILE_FILE = "rq_profile.json"
+ROUTING_MAP_FILE = "routing_map.json"
+MANIFEST_FILE = "rq_manifest.json"
+REMOTE_CODE_FILE = "modeling_rq.py"
+
+# ---- calibration ------------------------------------------------------------------------
+DEFAULT_DATASET = "mix"  # a bundled set in calibration_sets/
+NUM_SAMPLES = 128  # packed sequences
+SEQ_LEN = 256
+BATCH_SIZE = 8
+SEED = 0
+LIS_BATCH_SIZES = (1, 4, 16, 64)  # per-batch LIS is reported for these (sequences per batch)
+
+# ---- rewrite ----------------------------------------------------------------------------
+BUDGET = 1.0  # x the original expert bytes of each MoE layer
+STRATEGY = "greedy"
+SHARD_BYTES = 2 * 1024**3  # max bytes per output safetensors shard
+SPLIT_POLICY = "round-robin-by-occurrence"  # j-th occurrence of expert e -> replica j mod logcnt[e]
+
+
+def default_model_path() -> Path:
+    """The bundled tiny trained MoE (the embedded default model)."""
+    return Path(str(resources.files("rq_tool") / "assets" / "tiny_moe"))
+
+
+def calibration_sets_dir() -> Path:
+    """Where the bundled calibration sets live (the repo's calibration_sets/, packaged)."""
+    return Path(str(resources.files("rq_tool.calibration_sets")))

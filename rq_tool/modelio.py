@@ -1,0 +1,88 @@
+"""Opening source models and tokenizers with one clear error for every bad input."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+from . import defaults
+from .arch import MoEFamily, get_family
+from .errors import RQError
+
+
+def resolve_model_path(spec: str | Path | None) -> Path:
+    """``None`` -> the bundled tiny MoE; otherwise a local model directory (no hub access)."""
+    if spec is None:
+        path = defaults.default_model_path()
+        if not (path / "config.json").is_file():
+            raise RQError(f"the bundled default model is missing at {path}; reinstall rq-tool")
+        return path
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise RQError(f"model path {str(spec)!r} does not exist (rq reads local model directories only)")
+    if not path.is_dir():
+        raise RQError(f"model path {str(spec)!r} is a file, not a model directory")
+    if not (path / "config.json").is_file():
+        raise RQError(f"{path} is not a model directory (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise RQError(f"{path} has no *.safetensors weights (rq reads safetensors only, never pickle)")
+    return path
+
+
+def read_config_dict(path: Path) -> dict:
+    try:
+        d = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RQError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    if not isinstance(d, dict) or "model_type" not in d:
+        raise RQError(f"{path / 'config.json'}: no model_type")
+    return d
+
+
+def load_config(path: Path):
+    from transformers import AutoConfig
+
+    model_type = read_config_dict(path)["model_type"]
+    get_family(model_type) if model_type != "rq" else None
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise RQError(f"{path}: transformers cannot read this config ({type(e).__name__}: {e})") from None
+
+
+def open_family(path: Path) -> tuple[object, MoEFamily]:
+    """``(config, family)`` of a source model directory; dense/unknown models get an RQError."""
+    config = load_config(path)
+    if getattr(config, "rq", None):
+        raise RQError(f"{path} is already an rq-rewritten model; calibrate and rewrite the original model")
+    return config, get_family(config)
+
+
+def load_model(path: Path, dtype="auto"):
+    """A source CausalLM on CPU in eval mode (safetensors only)."""
+    from transformers import AutoModelForCausalLM
+
+    config, family = open_family(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
+    except RQError:
+        raise
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise RQError(f"{path}: cannot load model weights ({type(e).__name__}: {msg[:200]})") from None
+    model.eval()
+    if not family.moe_blocks(model):
+        raise RQError(f"{path}: model_type {config.model_type!r} has no MoE layers in this configuration")
+    return model, family
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise RQError(f"{path}: no usable tokenizer ({type(e).__name__}); calibration needs the model's tokenizer") from None

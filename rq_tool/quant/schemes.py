@@ -1,0 +1,136 @@
+"""Storage schemes for one expert matrix, by name, with exact byte accounting.
+
+A scheme turns a weight matrix ``W [out, in]`` (nn.Linear layout) into a dict of stored tensors
+and back. Byte counts are the real bytes of those stored tensors (packed data + scales), so the
+planner's budget is checked against what lands on disk and in memory.
+
+Stored layouts (version 1 of the rq slot format; the runtime and kernels read exactly these):
+- float schemes ``fp32`` / ``bf16`` / ``fp16``: ``{"w": W.to(dtype)}``.
+- ``int8`` (LLM.int8-style row-wise absmax, via bitsandbytes): ``{"q": int8 [out, in],
+  "scale": fp32 [out]}`` with ``W ~= q * scale[:, None]`` (scale = row absmax / 127).
+- ``nf4`` (bitsandbytes NormalFloat4, blocksize 64, no double quantization): ``{"q": uint8
+  [out * in / 2], "absmax": fp32 [out * in / 64]}``, bitsandbytes' packed order (row-major,
+  high nibble first).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import RQError
+
+NF4_BLOCKSIZE = 64
+
+
+@functools.lru_cache(maxsize=1)
+def _bnb_functional():
+    # bitsandbytes prints an import-time notice about optional hub kernels; it is harmless.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import bitsandbytes.functional as bnbf
+    return bnbf
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One storage scheme. ``bits`` is nominal (for tables); ``nbytes`` is exact."""
+
+    name: str
+    bits: int
+    is_float: bool
+    nbytes: Callable[[int, int], int]  # (out, in) -> stored bytes
+    quantize: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    dequantize: Callable[[dict[str, torch.Tensor], tuple[int, int], torch.dtype], torch.Tensor]
+
+    def roundtrip(self, w: torch.Tensor) -> torch.Tensor:
+        """Quantize then dequantize ``w [out, in]``; returns fp32 ``[out, in]``."""
+        return self.dequantize(self.quantize(w), tuple(w.shape), torch.float32)
+
+
+def _float_scheme(name: str, dtype: torch.dtype) -> Scheme:
+    size = torch.empty((), dtype=dtype).element_size()
+    return Scheme(
+        name=name,
+        bits=8 * size,
+        is_float=True,
+        nbytes=lambda o, i: o * i * size,
+        quantize=lambda w: {"w": w.detach().to(dtype).contiguous()},
+        dequantize=lambda st, shape, out_dtype: st["w"].to(out_dtype),
+    )
+
+
+def _int8_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    q, absmax, _ = _bnb_functional().int8_vectorwise_quant(w.detach().float().contiguous())
+    return {"q": q.contiguous(), "scale": (absmax.float() / 127.0).contiguous()}
+
+
+def _int8_dequantize(st, shape, dtype):
+    return (st["q"].float() * st["scale"][:, None]).to(dtype)
+
+
+def _nf4_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    if w.numel() % NF4_BLOCKSIZE:
+        raise RQError(f"nf4 needs a weight size divisible by {NF4_BLOCKSIZE}, got shape {tuple(w.shape)}")
+    packed, state = _bnb_functional().quantize_4bit(
+        w.detach().float().contiguous(), blocksize=NF4_BLOCKSIZE, quant_type="nf4"
+    )
+    return {"q": packed.reshape(-1).contiguous(), "absmax": state.absmax.float().contiguous()}
+
+
+@functools.lru_cache(maxsize=8)
+def nf4_code(device: str = "cpu") -> torch.Tensor:
+    """The 16 NF4 levels ``[16]`` fp32 (bitsandbytes' table)."""
+    return _bnb_functional().get_4bit_type("nf4", device=device).float()
+
+
+def nf4_dequantize_torch(q: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Pure-torch NF4 dequantization: ``q [n/2] uint8``, ``absmax [n/64]`` -> fp32 ``shape``.
+
+    Same numbers as bitsandbytes' ``dequantize_4bit`` (high nibble is the even element).
+    """
+    code = nf4_code(str(q.device))
+    hi = (q >> 4).long()
+    lo = (q & 0x0F).long()
+    idx = torch.stack([hi, lo], dim=-1).reshape(-1)
+    vals = code[idx].reshape(-1, NF4_BLOCKSIZE) * absmax.float()[:, None]
+    return vals.reshape(shape)
+
+
+def _nf4_dequantize(st, shape, dtype):
+    return nf4_dequantize_torch(st["q"], st["absmax"], shape).to(dtype)
+
+
+SCHEMES: dict[str, Scheme] = {
+    "fp32": _float_scheme("fp32", torch.float32),
+    "bf16": _float_scheme("bf16", torch.bfloat16),
+    "fp16": _float_scheme("fp16", torch.float16),
+    "int8": Scheme("int8", 8, False, lambda o, i: o * i + 4 * o, _int8_quantize, _int8_dequantize),
+    "nf4": Scheme(
+        "nf4", 4, False, lambda o, i: (o * i) // 2 + 4 * ((o * i) // NF4_BLOCKSIZE), _nf4_quantize, _nf4_dequantize
+    ),
+}
+
+# Schemes rq offers for quantizing experts (the planner's cheaper options), most precise first.
+QUANT_SCHEMES: tuple[str, ...] = ("int8", "nf4")
+
+_DTYPE_TO_SCHEME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def get_scheme(name: str) -> Scheme:
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise RQError(f"unknown quantization scheme {name!r}; known: {', '.join(SCHEMES)}") from None
+
+
+def scheme_for_dtype(dtype: torch.dtype) -> str:
+    """Name of the float scheme that stores ``dtype`` unchanged."""
+    try:
+        return _DTYPE_TO_SCHEME[dtype]
+    except KeyError:
+        raise RQError(f"unsupported expert weight dtype {dtype}; rq reads fp32/bf16/fp16 checkpoints") from None

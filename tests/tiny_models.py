@@ -1,0 +1,104 @@
+"""Tiny random-weight models of every supported family, built from the real transformers classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+BASE = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=128, tie_word_embeddings=False, eos_token_id=0, pad_token_id=0, bos_token_id=None)
+
+FAMILY_KWARGS = {
+    "mixtral": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                      num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=False),
+    "qwen3_moe": dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                      head_dim=16, norm_topk_prob=True),
+    "olmoe": dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2),
+    "deepseek_v3": dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                        n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3,
+                        kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                        routed_scaling_factor=2.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "gpt_oss": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+                    layer_types=["sliding_attention", "full_attention"], sliding_window=16),
+}
+FAMILIES = tuple(FAMILY_KWARGS)
+
+
+def tiny_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    kw = {**BASE, **FAMILY_KWARGS[model_type], **overrides}
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, **overrides):
+    """A random-weight CausalLM of the family, with routing skew so loads are uneven."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, **overrides)
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08, generator=g)
+            elif "norm" in name or "layernorm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+        # skew the routers so a few experts are hot, as in trained models
+        for mod_name, mod in model.named_modules():
+            if mod_name.endswith((".gate", ".router")) and hasattr(mod, "weight") and mod.weight.dim() == 2:
+                mod.weight[0] += 0.3
+                mod.weight[1] += 0.15
+    return model
+
+
+class _CharTokenizerFiles:
+    """Writes a minimal byte-level tokenizer (tokenizers library) so calibration can run."""
+
+    @staticmethod
+    def save(path: Path, vocab_size: int) -> None:
+        from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+        from transformers import PreTrainedTokenizerFast
+
+        chars = [chr(c) for c in range(32, 32 + vocab_size - 2)]
+        vocab = {"<eos>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+        tok.decoder = decoders.Fuse()
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+        fast.save_pretrained(path)
+
+
+def save_tiny(model_type: str, path: Path, seed: int = 0, dtype=torch.float32, **overrides) -> Path:
+    """Save a tiny model + tokenizer to ``path`` (transformers' default on-disk key names)."""
+    model = tiny_model(model_type, seed=seed, dtype=dtype, **overrides)
+    model.config.eos_token_id = 0
+    model.config.pad_token_id = 0
+    model.config.bos_token_id = None
+    model.generation_config.eos_token_id = 0
+    model.generation_config.pad_token_id = 0
+    model.generation_config.bos_token_id = None
+    model.save_pretrained(path)
+    _CharTokenizerFiles.save(path, model.config.vocab_size)
+    return path
+
+
+def write_texts(path: Path, n: int = 64, seed: int = 0) -> Path:
+    """A small JSONL calibration file of pseudo-random words."""
+    import random
+
+    rnd = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "moe", "expert", "route", "load", "token", "sum", "x", "=", "1", "2"]
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"text": " ".join(rnd.choice(words) for _ in range(rnd.randint(20, 60)))}) + "\n")
+    return path

@@ -1,0 +1,85 @@
+"""The expert layout of a source checkpoint, read from safetensors headers (no tensor data)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from ..arch import MoEFamily
+from ..errors import RQError
+from ..quant import get_scheme
+from .source import SafetensorsCheckpoint
+
+_ST_DTYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Routed-expert geometry shared by every MoE layer of a checkpoint."""
+
+    layers: tuple[int, ...]  # absolute decoder-layer indices of MoE layers
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    source_scheme: str  # fp32 | bf16 | fp16
+    has_bias: bool
+    block_prefix: dict[int, str]  # layer -> on-disk block prefix, e.g. "model.layers.3.mlp"
+
+    def expert_bytes(self, scheme: str) -> int:
+        """Stored bytes of one expert (both matrices, + biases kept in the source dtype)."""
+        s = get_scheme(scheme)
+        H, I = self.hidden_size, self.intermediate_size
+        bias = get_scheme(self.source_scheme).nbytes(1, 2 * I + H) if self.has_bias else 0
+        return s.nbytes(2 * I, H) + s.nbytes(H, I) + bias
+
+
+def read_layout(ckpt: SafetensorsCheckpoint, family: MoEFamily) -> ExpertLayout:
+    per_layer: dict[int, dict] = defaultdict(lambda: {"experts": set(), "roles": set(), "fused_E": None})
+    prefixes: dict[int, str] = {}
+    dims: dict[str, tuple[int, ...]] = {}
+    dtypes: set[str] = set()
+    for key, info in ckpt.tensors.items():
+        ek = family.parse_expert_key(key)
+        if ek is None:
+            continue
+        rec = per_layer[ek.layer]
+        prefixes[ek.layer] = ek.block_prefix
+        rec["roles"].add(ek.role)
+        dtypes.add(info.dtype)
+        if ek.expert is None:
+            rec["fused_E"] = info.shape[0]
+            dims.setdefault(f"fused_{ek.role}", info.shape[1:])
+        else:
+            rec["experts"].add(ek.expert)
+            dims.setdefault(ek.role, info.shape)
+    if not per_layer:
+        raise RQError(f"{ckpt.path}: no routed-expert tensors found for family {family.name!r}")
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _ST_DTYPES:
+        raise RQError(f"{ckpt.path}: expert tensors have dtypes {sorted(dtypes)}; rq reads one of F32/BF16/F16")
+    counts = {layer: (r["fused_E"] if r["fused_E"] is not None else len(r["experts"])) for layer, r in per_layer.items()}
+    E = max(counts.values())
+    for layer, r in per_layer.items():
+        if counts[layer] != E or (r["fused_E"] is None and r["experts"] != set(range(E))):
+            raise RQError(f"{ckpt.path}: layer {layer} has {counts[layer]} experts on disk, other layers {E} "
+                          "(a shard may be missing)")
+    if "fused_gate_up" in dims:  # gpt-oss style [E, H, 2I] (transposed) or [E, 2I, H]
+        shape = dims["fused_gate_up"]
+        canon = family.canonical_from_fused("gate_up", _meta(shape))["gate_up"].shape[1:]
+        two_i, H = canon
+    elif "gate_up" in dims:
+        two_i, H = dims["gate_up"]
+    elif "gate" in dims:
+        I_, H = dims["gate"]
+        two_i = 2 * I_
+    else:
+        raise RQError(f"{ckpt.path}: cannot find gate/up expert tensors")
+    has_bias = any(r.startswith(("gate_up_bias", "down_bias", "gate_bias", "up_bias")) for p in per_layer.values()
+                   for r in p["roles"])
+    return ExpertLayout(tuple(sorted(per_layer)), E, int(H), int(two_i) // 2, _ST_DTYPES[next(iter(dtypes))], has_bias,
+                        prefixes)
+
+
+def _meta(shape):
+    import torch
+
+    return torch.empty((1, *shape), device="meta")

@@ -1,0 +1,56 @@
+"""From a profile and a checkpoint's expert layout to planner inputs, and the plan itself.
+
+The planner is pure (``rq_tool.plan``); this module only builds its tensors:
+``load [L, E]``, ``error [L, E, S]`` (scheme 0 = the source scheme, zero error),
+``scheme_bytes [S]`` (exact bytes of one expert per scheme) and the budget in bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..calibrate.profile import Profile
+from ..errors import RQError
+from .layout import ExpertLayout
+
+IMPORTANCE = ("quant_error", "frequency")
+
+
+def plan_inputs(profile: Profile, layout: ExpertLayout, schemes, importance: str = "quant_error"):
+    """``(load [L, E] f64, error [L, E, S] f64, scheme_names [S], scheme_bytes [S] i64)``."""
+    if importance not in IMPORTANCE:
+        raise RQError(f"unknown --importance {importance!r}; known: {', '.join(IMPORTANCE)}")
+    prof_layers = [lp.layer for lp in profile.layers]
+    if prof_layers != list(layout.layers):
+        raise RQError(f"profile has MoE layers {prof_layers} but the model has {list(layout.layers)}")
+    if profile.num_experts != layout.num_experts:
+        raise RQError(f"profile has {profile.num_experts} experts per layer, the model {layout.num_experts}")
+    schemes = [s for s in schemes if s != layout.source_scheme]
+    names = [layout.source_scheme, *schemes]
+    load = profile.load_matrix().double()
+    L, E = load.shape
+    if importance == "quant_error":
+        measured = profile.quant_error_tensor(schemes)  # [L, E, S-1]
+    else:
+        # frequency-only baseline: damage proportional to routed tokens, scaled so each scheme's
+        # layer total matches the measured total when available (else 1 per token-slot)
+        share = load / load.sum(-1, keepdim=True).clamp_min(1)
+        if all(s in profile.schemes for s in schemes):
+            totals = profile.quant_error_tensor(schemes).sum(1, keepdim=True)  # [L, 1, S-1]
+        else:
+            totals = load.sum(-1)[:, None, None].expand(L, 1, len(schemes))
+        measured = share[:, :, None] * totals
+    error = torch.cat([torch.zeros(L, E, 1, dtype=torch.float64), measured.double()], dim=-1)
+    scheme_bytes = torch.tensor([layout.expert_bytes(s) for s in names], dtype=torch.int64)
+    return load, error, names, scheme_bytes
+
+
+def build_plan(profile: Profile, layout: ExpertLayout, *, budget, global_budget: bool, strategy: str, schemes,
+               importance: str = "quant_error", max_error: float | None = None, **option_overrides):
+    from ..plan import PlanOptions, make_plan, resolve_budget
+
+    load, error, names, scheme_bytes = plan_inputs(profile, layout, schemes, importance)
+    layer_bytes = torch.full((load.shape[0],), layout.num_experts * int(scheme_bytes[0]), dtype=torch.int64)
+    budget_bytes = resolve_budget(budget, layer_bytes, global_budget)
+    options = PlanOptions(strategy=strategy, max_error=max_error, error_weight=importance, **option_overrides)
+    return make_plan(load, error, names, scheme_bytes, budget_bytes, options, layers=list(layout.layers))

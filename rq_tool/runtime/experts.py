@@ -1,0 +1,107 @@
+"""The RQ experts module: drop-in replacement for a family's fused experts module.
+
+Called exactly like the original (``experts(hidden [T, H], top_k_index [T, K], top_k_weights
+[T, K])``) with *logical* expert ids; it maps them to physical slots through the layer's routing
+map (round-robin by occurrence, see ``routing_map.py``), computes every slot in its storage
+scheme and combines. On CUDA the Triton kernels run, elsewhere their torch references
+(``rq_tool.kernels``; ``RQ_KERNEL=torch|triton|auto`` forces either).
+
+State-dict keys (slot format v1, one group per scheme present in the layer, see
+``rq_tool/quant/schemes.py``)::
+
+    {scheme}_gate_up, {scheme}_down            float [n, 2I, H] / [n, H, I]; int8 same shapes;
+                                               nf4 packed uint8 [n, 2I*H/2] / [n, H*I/2]
+    {scheme}_gate_up_scale, {scheme}_down_scale   int8 row scales fp32 [n, 2I] / [n, H]
+    {scheme}_gate_up_absmax, {scheme}_down_absmax nf4 block absmax fp32 [n, 2I*H/64] / [n, H*I/64]
+    gate_up_bias [P, 2I], down_bias [P, H]     families with expert biases (gpt-oss)
+
+Per-slot load counting (``count_load = True``) adds each batch's slot counts to ``slot_load``;
+it is off by default and costs nothing when off.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels import SlotWeights, moe_experts, replica_dispatch
+from ..quant import NF4_BLOCKSIZE, get_scheme
+from .routing_map import LayerMap
+
+_EXTRA = {"int8": "scale", "nf4": "absmax"}
+
+
+def slot_tensor_shapes(scheme: str, n: int, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
+    """Names (without the scheme prefix) and shapes of one scheme group's stored tensors."""
+    if get_scheme(scheme).is_float or scheme == "int8":
+        shapes = {"gate_up": (n, 2 * inter, hidden), "down": (n, hidden, inter)}
+        if scheme == "int8":
+            shapes.update(gate_up_scale=(n, 2 * inter), down_scale=(n, hidden))
+        return shapes
+    if scheme == "nf4":
+        return {"gate_up": (n, inter * hidden), "down": (n, hidden * inter // 2),
+                "gate_up_absmax": (n, 2 * inter * hidden // NF4_BLOCKSIZE), "down_absmax": (n, hidden * inter // NF4_BLOCKSIZE)}
+    raise ValueError(f"no slot layout for scheme {scheme!r}")
+
+
+def slot_tensor_dtype(scheme: str, name: str, compute_dtype: torch.dtype) -> torch.dtype:
+    if name.endswith(("_scale", "_absmax")):
+        return torch.float32
+    if scheme == "int8":
+        return torch.int8
+    if scheme == "nf4":
+        return torch.uint8
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[scheme]
+
+
+class RQExperts(nn.Module):
+    """Physical expert slots of one MoE layer plus its routing map."""
+
+    def __init__(self, layer_map: LayerMap, hidden_size: int, intermediate_size: int, act: str,
+                 has_bias: bool = False, bias_dtype: torch.dtype = torch.float32, device="cpu"):
+        super().__init__()
+        self.layer = layer_map.layer
+        self.hidden_size, self.intermediate_size, self.act = hidden_size, intermediate_size, act
+        self.num_slots = layer_map.num_slots
+        self.num_experts = int(layer_map.logcnt.numel())
+        self.schemes = tuple(dict.fromkeys(layer_map.slot_scheme))  # first-seen order
+        slot_scheme = torch.tensor([self.schemes.index(s) for s in layer_map.slot_scheme], dtype=torch.int64)
+        slot_index = torch.zeros_like(slot_scheme)
+        for g in range(len(self.schemes)):
+            members = (slot_scheme == g).nonzero().flatten()
+            slot_index[members] = torch.arange(members.numel())
+        for name, t in (("phy2log", layer_map.phy2log), ("log2phy", layer_map.log2phy), ("logcnt", layer_map.logcnt),
+                        ("slot_scheme", slot_scheme), ("slot_index", slot_index)):
+            self.register_buffer(name, t.clone().to(device), persistent=False)
+        self.register_buffer("slot_load", torch.zeros(self.num_slots, dtype=torch.int64, device=device), persistent=False)
+        self.count_load = False
+        for g, scheme in enumerate(self.schemes):
+            n = int((slot_scheme == g).sum())
+            for name, shape in slot_tensor_shapes(scheme, n, hidden_size, intermediate_size).items():
+                dtype = slot_tensor_dtype(scheme, name, bias_dtype)
+                self.register_parameter(f"{scheme}_{name}", nn.Parameter(torch.empty(shape, dtype=dtype, device=device),
+                                                                         requires_grad=False))
+        if has_bias:
+            self.gate_up_bias = nn.Parameter(torch.empty(self.num_slots, 2 * intermediate_size, dtype=bias_dtype,
+                                                         device=device), requires_grad=False)
+            self.down_bias = nn.Parameter(torch.empty(self.num_slots, hidden_size, dtype=bias_dtype, device=device),
+                                          requires_grad=False)
+        else:
+            self.gate_up_bias = self.down_bias = None
+
+    def slot_weights(self) -> SlotWeights:
+        groups = []
+        for scheme in self.schemes:
+            names = slot_tensor_shapes(scheme, 0, self.hidden_size, self.intermediate_size)
+            groups.append({name: getattr(self, f"{scheme}_{name}") for name in names})
+        return SlotWeights(self.schemes, self.slot_scheme, self.slot_index, tuple(groups), self.hidden_size,
+                           self.intermediate_size, self.act, self.gate_up_bias, self.down_bias)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        dispatch = replica_dispatch(top_k_index, self.log2phy, self.logcnt, self.num_slots)
+        if self.count_load:
+            self.slot_load += dispatch.slot_counts.to(self.slot_load.device)
+        return moe_experts(hidden_states, top_k_weights, dispatch, self.slot_weights())
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, experts={self.num_experts}, slots={self.num_slots}, schemes={self.schemes}"

@@ -1,0 +1,126 @@
+"""routing_map.json: logical expert -> physical replica slots, per MoE layer (validated, versioned).
+
+Names follow DeepSeek's EPLB so serving engines' formats map onto it directly. Per layer::
+
+    phy2log  [P]     logical expert of each physical slot (slots 0..E-1 are the originals)
+    log2phy  [E, R]  physical slots of each logical expert, -1 padded, R = max replicas
+    logcnt   [E]     number of replicas of each logical expert (>= 1)
+    slot_scheme [P]  storage scheme name of each slot ("bf16", "int8", "nf4", ...)
+
+Split policy ``round-robin-by-occurrence``: the j-th routed token-slot (token order, then k) of
+logical expert e in a batch goes to slot ``log2phy[e, j % logcnt[e]]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import defaults
+from ..errors import RQError
+from ..quant import SCHEMES
+
+_FORMAT, _VERSION = defaults.ROUTING_MAP_FORMAT
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    layer: int
+    phy2log: torch.Tensor  # [P] int64
+    log2phy: torch.Tensor  # [E, R] int64
+    logcnt: torch.Tensor  # [E] int64
+    slot_scheme: tuple[str, ...]  # [P]
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.phy2log.numel())
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "phy2log": self.phy2log.tolist(), "log2phy": self.log2phy.tolist(),
+                "logcnt": self.logcnt.tolist(), "slot_scheme": list(self.slot_scheme)}
+
+
+@dataclass(frozen=True)
+class RoutingMap:
+    num_experts: int
+    layers: list[LayerMap]
+    source_scheme: str
+    activation: str
+    split_policy: str = defaults.SPLIT_POLICY
+    placement: dict | None = field(default=None)
+
+    def layer(self, index: int) -> LayerMap:
+        for lm in self.layers:
+            if lm.layer == index:
+                return lm
+        raise KeyError(index)
+
+    @property
+    def schemes(self) -> list[str]:
+        seen = []
+        for lm in self.layers:
+            for s in lm.slot_scheme:
+                if s not in seen:
+                    seen.append(s)
+        return seen
+
+    def to_dict(self) -> dict:
+        return {"format": _FORMAT, "version": _VERSION, "split_policy": self.split_policy,
+                "num_logical_experts": self.num_experts, "source_scheme": self.source_scheme,
+                "activation": self.activation, "layers": [lm.to_dict() for lm in self.layers],
+                "placement": self.placement}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "routing map") -> "RoutingMap":
+        if not isinstance(d, dict) or d.get("format") != _FORMAT:
+            raise RQError(f"{where}: not an rq routing map")
+        if d.get("version") != _VERSION:
+            raise RQError(f"{where}: routing map version {d.get('version')} is not supported (expected {_VERSION})")
+        if d.get("split_policy") != defaults.SPLIT_POLICY:
+            raise RQError(f"{where}: unknown split policy {d.get('split_policy')!r}")
+        try:
+            E = int(d["num_logical_experts"])
+            layers = [
+                LayerMap(int(row["layer"]), torch.tensor(row["phy2log"], dtype=torch.int64),
+                         torch.tensor(row["log2phy"], dtype=torch.int64), torch.tensor(row["logcnt"], dtype=torch.int64),
+                         tuple(row["slot_scheme"]))
+                for row in d["layers"]
+            ]
+            rmap = cls(E, layers, str(d["source_scheme"]), str(d["activation"]), d["split_policy"], d.get("placement"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise RQError(f"{where}: malformed routing map ({type(e).__name__}: {e})") from None
+        rmap.validate(where)
+        return rmap
+
+    def validate(self, where: str = "routing map") -> None:
+        """Every check the runtime relies on; raises RQError naming the layer and the problem."""
+        E = self.num_experts
+        if self.source_scheme not in SCHEMES:
+            raise RQError(f"{where}: unknown source scheme {self.source_scheme!r}")
+        for lm in self.layers:
+            at = f"{where}: layer {lm.layer}"
+            P = lm.num_slots
+            if lm.phy2log.dim() != 1 or lm.logcnt.shape != (E,) or lm.log2phy.dim() != 2 or lm.log2phy.shape[0] != E:
+                raise RQError(f"{at}: shapes phy2log {tuple(lm.phy2log.shape)}, log2phy {tuple(lm.log2phy.shape)}, "
+                              f"logcnt {tuple(lm.logcnt.shape)} do not fit {E} experts")
+            if len(lm.slot_scheme) != P:
+                raise RQError(f"{at}: {len(lm.slot_scheme)} slot schemes for {P} slots")
+            bad = [s for s in lm.slot_scheme if s not in SCHEMES]
+            if bad:
+                raise RQError(f"{at}: unknown scheme {bad[0]!r} (known: {', '.join(SCHEMES)})")
+            if P < E or (lm.phy2log < 0).any() or (lm.phy2log >= E).any():
+                raise RQError(f"{at}: phy2log has ids out of range [0, {E})")
+            if (lm.log2phy < -1).any() or (lm.log2phy >= P).any():
+                raise RQError(f"{at}: log2phy has slot ids out of range [-1, {P})")
+            if (lm.logcnt < 1).any():
+                raise RQError(f"{at}: every logical expert needs at least one slot (logcnt has zeros)")
+            counts = torch.bincount(lm.phy2log, minlength=E)
+            if not torch.equal(counts, lm.logcnt):
+                raise RQError(f"{at}: logcnt disagrees with phy2log")
+            R = lm.log2phy.shape[1]
+            for e in range(E):
+                row = lm.log2phy[e]
+                c = int(lm.logcnt[e])
+                if c > R or (row[c:] != -1).any() or (row[:c] < 0).any() or (lm.phy2log[row[:c]] != e).any():
+                    raise RQError(f"{at}: log2phy row of expert {e} disagrees with logcnt/phy2log")

@@ -42,6 +42,10 @@ def main(ctx, debug):
     if not debug:
         warnings.filterwarnings("ignore", module="bitsandbytes")
         logging.getLogger("transformers").setLevel(logging.ERROR)
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 @main.command()
@@ -74,6 +78,63 @@ def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schem
     else:
         click.echo(profile_table(profile))
         click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--profile", "-p", "profile_path", required=True, type=click.Path(),
+              help="profile.json from rq calibrate on this model.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), help="Output model directory (required unless --dry-run).")
+@click.option("--budget", default=str(defaults.BUDGET), show_default=True,
+              help="Expert memory: a factor of the original (0.9, 1.1x) or a size (120MB, 1.5GiB).")
+@click.option("--global", "global_budget", is_flag=True,
+              help="Apply the budget to all MoE layers together instead of to each layer.")
+@click.option("--strategy", default=defaults.STRATEGY, show_default=True,
+              type=click.Choice(sorted(__import__("rq_tool.plan", fromlist=["STRATEGIES"]).STRATEGIES)),
+              help="greedy: replicate while LIS improves, pay with least-damaging quantization; paper: R&Q "
+                   "setting; replicate-only: EPLB-style, memory grows.")
+@click.option("--schemes", default=",".join(QUANT_SCHEMES), show_default=True,
+              help="Quantization schemes the planner may use.")
+@click.option("--importance", default="quant_error", show_default=True, type=click.Choice(["quant_error", "frequency"]),
+              help="What picks the experts to quantize: measured quantization damage, or routing frequency only.")
+@click.option("--max-error", type=float, default=None,
+              help="Cap on predicted error per layer (sum of w^2*||dy||^2 over calibration tokens).")
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, importance, max_error, dry_run, force,
+            as_json):
+    """Replicate heavy-hitter experts and quantize cold ones of MODEL (default: bundled tiny MoE)."""
+    from .report_text import plan_table
+    from .rewrite import rewrite as run
+
+    if out is None and not dry_run:
+        raise RQError("--out is required (or use --dry-run to only print the plan)")
+    scheme_list = [s.strip() for s in schemes.split(",") if s.strip()]
+    res = run(model, profile_path, out, budget=budget, global_budget=global_budget, strategy=strategy,
+              schemes=scheme_list, importance=importance, max_error=max_error, force=force, dry_run=dry_run,
+              progress=not as_json)
+    if as_json:
+        click.echo(json.dumps({"plan": res.plan.to_dict(), "out": str(res.out) if res.out else None}))
+        return
+    click.echo(plan_table(res.plan))
+    if res.out:
+        click.echo(f"wrote {res.out} (load with rq_tool.load() or AutoModelForCausalLM.from_pretrained(..., "
+                   "trust_remote_code=True))")
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+def verify(out):
+    """Re-hash OUT against its manifest and check its routing map against config and tensors."""
+    from .rewrite import verify as run
+
+    problems = run(out)
+    for p in problems:
+        click.echo(f"FAIL {p}", err=True)
+    if problems:
+        raise RQError(f"{out}: {len(problems)} problem(s) found")
+    click.echo(f"OK {out}: every file matches the manifest; routing map consistent with config and tensors")
 
 
 if __name__ == "__main__":

@@ -53,4 +53,5 @@ def build_plan(profile: Profile, layout: ExpertLayout, *, budget, global_budget:
     layer_bytes = torch.full((load.shape[0],), layout.num_experts * int(scheme_bytes[0]), dtype=torch.int64)
     budget_bytes = resolve_budget(budget, layer_bytes, global_budget)
     options = PlanOptions(strategy=strategy, max_error=max_error, error_weight=importance, **option_overrides)
-    return make_plan(load, error, names, scheme_bytes, budget_bytes, options, layers=list(layout.layers))
+    return make_plan(load, error, names, scheme_bytes, budget_bytes, options, global_budget=global_budget,
+                     layer_ids=list(layout.layers))

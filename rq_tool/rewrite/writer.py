@@ -103,6 +103,14 @@ def rewrite(
     return RewriteResult(plan, rmap, out, layout)
 
 
+def plan_summary(plan) -> dict:
+    """The plan without its index tensors (those live in the routing map)."""
+    d = plan.to_dict()
+    keep = ("layer", "lis_before", "lis_after", "bytes_before", "bytes_after", "pred_error", "budget_bytes")
+    d["layers"] = [{k: row[k] for k in keep} for row in d["layers"]]
+    return d
+
+
 def routing_map_from_plan(plan, layout: ExpertLayout, activation: str) -> RoutingMap:
     layers = []
     for layer, lp in zip(layout.layers, plan.layers):
@@ -179,7 +187,7 @@ def _write_metadata(src: Path, tmp: Path, config_dict: dict, rmap: RoutingMap, p
         "base_model_type": config_dict["model_type"],
         "source_config_sha256": config_fingerprint(config),
         "routing_map": rmap.to_dict(),
-        "plan": plan.summary() if hasattr(plan, "summary") else None,
+        "plan": plan_summary(plan),
     }
     new = dict(config_dict)
     new["model_type"] = "rq"

@@ -7,3 +7,7 @@ from .run import calibrate, profile_model
 
 __all__ = ["CalibrationData", "ExpertRecorder", "LayerProfile", "Profile", "calibrate", "config_fingerprint",
            "load_texts", "pack", "profile_model"]
+
+from .._callable import make_callable  # noqa: E402
+
+make_callable(__name__, calibrate)  # rq_tool.calibrate(...) is the API, the package stays importable

@@ -5,8 +5,9 @@ problems, e.g. layers), M items per row.
 
 rq plans the slots of a layer (``rq_tool.plan.make_plan``); ``place_slots`` then puts those
 slots on G devices: heaviest slot first, onto the least-loaded device that still has room
-(memory capacity, or an equal share ``ceil(P / G)`` of slots when no capacity is given). It is
-LPT scheduling; its max/mean is within 4/3 of optimal for the count-free case.
+(memory capacity, or an equal share ``ceil(P / G)`` of slots when no capacity is given): longest
+processing time first, a classic heuristic (without the room limits its max load is within 4/3
+of the optimum).
 
 ``eplb_rebalance`` follows the algorithm DeepSeek published with EPLB (github deepseek-ai/EPLB):
 1. expert groups are packed onto nodes (balanced, equal group count per node),

@@ -57,43 +57,44 @@ def _register(name: str, *, enforces_budget: bool):
 class _Slots:
     """Mutable slot table of a group of layers planned under one budget (flat, creation order).
 
-    ``layer/expert/scheme [N]`` int64; ``cnt [L, E]`` int64 slots per expert; ``load [L, E]``,
-    ``error [L, E, S]`` float64; ``nbytes [S]`` int64.
+    ``layer/expert/scheme [N]`` int64; ``cnt [L, E]`` int64 slots per expert; ``rows [N, S]``
+    float64 the error row of each slot's expert (``error [L, E, S]`` gathered once, kept in step);
+    ``nbytes [S]`` int64. Starts with one source-scheme slot per expert.
     """
 
-    def __init__(self, load, error, nbytes):
-        L, E = load.shape
-        self.load, self.error, self.nbytes = load, error, nbytes
+    def __init__(self, error, nbytes):
+        L, E, S = error.shape
+        self.error, self.nbytes = error, nbytes
         self.layer = torch.arange(L).repeat_interleave(E)
         self.expert = torch.arange(E).repeat(L)
         self.scheme = torch.zeros(L * E, dtype=torch.int64)
         self.cnt = torch.ones(L, E, dtype=torch.int64)
+        self.rows = error.reshape(L * E, S).clone()
 
     def copy(self) -> "_Slots":
         new = object.__new__(_Slots)
-        new.load, new.error, new.nbytes = self.load, self.error, self.nbytes
-        new.layer, new.expert, new.scheme, new.cnt = (self.layer.clone(), self.expert.clone(),
-                                                      self.scheme.clone(), self.cnt.clone())
+        new.error, new.nbytes = self.error, self.nbytes
+        for name in ("layer", "expert", "scheme", "cnt", "rows"):
+            setattr(new, name, getattr(self, name).clone())
         return new
 
     def add_slot(self, layer: int, expert: int, scheme: int) -> None:
         self.layer = torch.cat([self.layer, torch.tensor([layer])])
         self.expert = torch.cat([self.expert, torch.tensor([expert])])
         self.scheme = torch.cat([self.scheme, torch.tensor([scheme])])
+        self.rows = torch.cat([self.rows, self.error[layer, expert][None]])
         self.cnt[layer, expert] += 1
 
     def bytes(self) -> int:
-        return int(self.nbytes[self.scheme].sum())
+        return int(self.nbytes.index_select(0, self.scheme).sum())
 
     def error_table(self) -> torch.Tensor:
         """``[N, S]`` predicted error of each slot if it were stored in each scheme."""
-        return self.error[self.layer, self.expert] / self.cnt[self.layer, self.expert, None].double()
+        cnt = self.cnt.view(-1).index_select(0, self.layer * self.cnt.shape[1] + self.expert)
+        return self.rows / cnt[:, None].double()
 
     def total_error(self) -> float:
         return float(self.error_table().gather(1, self.scheme[:, None]).sum())
-
-    def slots_of(self, layer: int) -> int:
-        return int(self.cnt[layer].sum())
 
     def layouts(self) -> Layouts:
         return [(self.expert[self.layer == l], self.scheme[self.layer == l]) for l in range(self.cnt.shape[0])]
@@ -110,7 +111,7 @@ def _pay(slots: _Slots, deficit: int, frozen: torch.Tensor | None = None) -> lis
         return []
     nbytes = slots.nbytes
     movable = torch.ones_like(slots.scheme, dtype=torch.bool) if frozen is None else ~frozen
-    if int((nbytes[slots.scheme] - nbytes.min())[movable].sum()) < deficit:
+    if int(((nbytes.index_select(0, slots.scheme) - nbytes.min()) * movable).sum()) < deficit:
         return None
     table = slots.error_table()  # cnt does not change while paying
     scheme = slots.scheme.clone()
@@ -120,7 +121,7 @@ def _pay(slots: _Slots, deficit: int, frozen: torch.Tensor | None = None) -> lis
     S = nbytes.numel()
     while True:
         delta = table - table.gather(1, scheme[:, None])
-        saved = nbytes[scheme][:, None] - nbytes[None, :]
+        saved = nbytes.index_select(0, scheme)[:, None] - nbytes[None, :]
         valid = (saved > 0) & movable[:, None]
         cover = torch.where(valid & (saved >= deficit), delta, math.inf)
         k = int(torch.argmin(cover))
@@ -202,26 +203,28 @@ def _best_replica(slots: _Slots, layer: int, expert: int, budget: int | None,
 
 def _greedy_group(load, error, nbytes, budget: int | None, opt: PlanOptions, source_only: bool = False) -> Layouts:
     """Greedy replication over ``load [L, E]`` under one budget (None: unlimited, see replicate-only)."""
-    slots = _Slots(load, error, nbytes[:1] if source_only else nbytes)
+    slots = _Slots(error, nbytes[:1] if source_only else nbytes)
     if budget is not None:
         _fit_budget(slots, budget)
-    active = set(range(load.shape[0]))
     max_error = None if source_only else opt.max_error
-    while active:
-        bundles = {l: _bundle(load[l], slots.cnt[l], opt) for l in sorted(active)}
-        active = {l for l, c in bundles.items() if c is not None}
+    # a layer's bundle depends only on its own counts: recompute it only when that layer changes
+    bundles = {l: _bundle(load[l], slots.cnt[l], opt) for l in range(load.shape[0])}
+    while True:
+        active = [l for l, b in bundles.items() if b is not None]
         if not active:
             break
         # global budget: the layer with the largest LIS reduction per added slot (ties: lowest id)
-        l = max(sorted(active), key=lambda x: bundles[x][1] / len(bundles[x][0]))
+        l = max(active, key=lambda x: bundles[x][1] / len(bundles[x][0]))
         trial: _Slots | None = slots
         for e in bundles[l][0]:
             trial = _best_replica(trial, l, e, budget, max_error)
             if trial is None:  # unaffordable or over max_error: this layer is done, the rest go on
-                active.discard(l)
                 break
+        if trial is None:
+            bundles[l] = None
         else:
             slots = trial
+            bundles[l] = _bundle(load[l], slots.cnt[l], opt)
     return slots.layouts()
 
 
@@ -247,7 +250,7 @@ def replicate_only(load, error, schemes, nbytes, budget, opt: PlanOptions, globa
 
 
 def _paper_group(load, error, nbytes, budget: int, int8: int, layer_ids: Sequence[int]) -> Layouts:
-    slots = _Slots(load, error, nbytes)
+    slots = _Slots(error, nbytes)
     hot = torch.zeros(load.shape, dtype=torch.bool)
     for l in range(load.shape[0]):
         if float(load[l].sum()) > 0:
@@ -265,8 +268,8 @@ def _paper_group(load, error, nbytes, budget: int, int8: int, layer_ids: Sequenc
         slots.scheme[i] = int8
     if slots.bytes() > budget:
         where = f"layer {layer_ids[0]}" if len(layer_ids) == 1 else "the model"
-        raise RQError(f"{where}: the paper strategy needs {slots.bytes()} bytes (every expert and the replica in int8), "
-                      f"budget is {budget}", hint="raise --budget or use --strategy greedy")
+        raise RQError(f"{where}: the paper strategy needs {slots.bytes()} bytes (every expert and the replica "
+                      f"in int8), budget is {budget}", hint="raise --budget or use --strategy greedy")
     return slots.layouts()
 
 
@@ -275,10 +278,11 @@ def paper(load, error, schemes, nbytes, budget, opt: PlanOptions, global_budget:
     """The R&Q paper: replicate each layer's heaviest expert once in int8; quantize the least important to int8 to fit.
 
     Fixed setting: the options' caps and ``max_error`` do not apply; a layer without tokens gets no
-    replica. Over budget even with every slot but one in int8 raises ``RQError``.
+    replica. A budget that cannot hold every slot in int8 raises ``RQError``.
     """
     if "int8" not in schemes:
-        raise RQError(f"the paper strategy quantizes to int8, which is not among the offered schemes ({', '.join(schemes)})")
+        raise RQError(f"the paper strategy quantizes to int8, which is not among the offered schemes "
+                      f"({', '.join(schemes)})")
     int8 = list(schemes).index("int8")
     L, ids = load.shape[0], list(layer_ids)
     if global_budget:

@@ -18,6 +18,7 @@ import torch
 
 from .. import defaults
 from ..errors import RQError
+from .predict import check_layer
 
 PLAN_FORMAT = ("rq-plan", 1)
 
@@ -229,7 +230,7 @@ class Plan:
         if d.get("version") != version:
             raise RQError(f"{where}: plan version {d.get('version')} is not supported (expected {version})")
         try:
-            return cls(
+            plan = cls(
                 layers=tuple(LayerPlan.from_dict(row) for row in d["layers"]),
                 schemes=tuple(d["schemes"]),
                 scheme_bytes=tuple(int(b) for b in d["scheme_bytes"]),
@@ -237,5 +238,8 @@ class Plan:
                 global_budget=bool(d["global_budget"]),
                 budget_bytes=int(d["budget_bytes"]),
             )
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            for lp in plan.layers:
+                check_layer(lp.phy2log, lp.slot_scheme, lp.logcnt, lp.log2phy, len(plan.schemes))
+        except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as exc:
             raise RQError(f"{where}: malformed plan ({type(exc).__name__}: {exc})") from None
+        return plan

@@ -58,3 +58,39 @@ def expert_forward(
     """One expert on its tokens: ``x [N, H]``, ``gate_up [2I, H]``, ``down [H, I]`` -> ``[N, H]``."""
     h = F.linear(x, gate_up, gate_up_bias)
     return F.linear(activation_fn(act)(h), down, down_bias)
+
+
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [S, in]`` sorted by group, ``w [G, out, in]``, ``counts [G]`` -> ``[S, out]``."""
+    gm = getattr(F, "grouped_mm", None)
+    if gm is not None and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16):
+        try:
+            out = gm(x, w.transpose(-2, -1), offs=offs)
+        except RuntimeError:  # strides/alignment the native kernel does not take
+            out = None
+        if out is not None:
+            if bias is not None:
+                out = out + torch.repeat_interleave(bias, torch.tensor(counts, device=x.device), dim=0)
+            return out
+    parts = [F.linear(xg, w[g], None if bias is None else bias[g]) for g, xg in enumerate(x.split(counts))]
+    return torch.cat(parts)
+
+
+def grouped_expert_forward(
+    x_sorted: torch.Tensor,
+    counts: list[int],
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    act: str,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """All experts at once on rows grouped by expert (one grouped matmul per projection).
+
+    ``x_sorted [S, H]`` rows of expert 0 first, then expert 1, ...; ``counts [E]`` rows per
+    expert; ``gate_up [E, 2I, H]``, ``down [E, H, I]`` -> unweighted outputs ``[S, H]``.
+    """
+    offs = torch.tensor(counts, device=x_sorted.device).cumsum(0).to(torch.int32)
+    h = _grouped_linear(x_sorted, gate_up, counts, offs, gate_up_bias)
+    return _grouped_linear(activation_fn(act)(h), down, counts, offs, down_bias)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..arch import MoEFamily, expert_forward
+from ..arch import MoEFamily
+from ..arch.activation import grouped_expert_forward
 from ..quant import get_scheme
 
 
@@ -112,6 +113,7 @@ class ExpertRecorder:
         act = self.act
         recorder = self
         bias_up, bias_down = weights.get("gate_up_bias"), weights.get("down_bias")
+        weights = {k: v.contiguous() for k, v in weights.items()}
         f32 = {k: v.float() for k, v in weights.items()} if quantized else {}
 
         def forward(module, hidden_states, top_k_index, top_k_weights):
@@ -119,7 +121,8 @@ class ExpertRecorder:
             E = st.num_experts
             flat = top_k_index.reshape(-1)
             w_flat = top_k_weights.reshape(-1)
-            st.load += torch.bincount(flat, minlength=E).cpu()
+            counts_t = torch.bincount(flat, minlength=E)
+            st.load += counts_t.cpu()
             st.gate_mass += torch.zeros(E, dtype=torch.float64, device=flat.device).scatter_add_(
                 0, flat, w_flat.double()).cpu()
             B = recorder.batch_size if T % max(recorder.batch_size, 1) == 0 else 1
@@ -127,35 +130,31 @@ class ExpertRecorder:
             st.seq_load.append(torch.zeros(B * E, dtype=torch.int64, device=flat.device).scatter_add_(
                 0, seq * E + flat, torch.ones_like(flat)).view(B, E).cpu())
 
-            out = torch.zeros_like(hidden_states)
+            # pairs grouped by expert; one grouped matmul per projection for all experts
             order = torch.argsort(flat, stable=True)
-            counts = torch.bincount(flat, minlength=E).tolist()
-            start = 0
-            for e, c in enumerate(counts):
-                if c == 0:
-                    continue
-                pos = order[start:start + c]
-                start += c
-                tok = pos // K
-                x = hidden_states[tok]
-                w = w_flat[pos]
-                y = expert_forward(x, weights["gate_up"][e], weights["down"][e], act,
-                                   None if bias_up is None else bias_up[e], None if bias_down is None else bias_down[e])
-                wd = w.double()
-                ny = y.double().norm(dim=-1)
-                st.output_energy[e] += float((wd * ny).sum())
-                if quantized:
-                    x32 = x.float()
-                    bu = None if bias_up is None else f32["gate_up_bias"][e]
-                    bd = None if bias_down is None else f32["down_bias"][e]
-                    y32 = expert_forward(x32, f32["gate_up"][e], f32["down"][e], act, bu, bd)
-                    st.output_power[e] += float((wd.square() * y32.double().square().sum(-1)).sum())
-                    for s, qw in quantized.items():
-                        yq = expert_forward(x32, qw["gate_up"][e], qw["down"][e], act, bu, bd)
-                        st.quant_error[s][e] += float((wd.square() * (y32 - yq).double().square().sum(-1)).sum())
-                else:
-                    st.output_power[e] += float((wd.square() * ny.square()).sum())
-                out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))  # same promotion as eager
+            counts = counts_t.tolist()
+            ids = flat[order]
+            tok = order // K
+            x = hidden_states[tok]
+            w = w_flat[order]
+            y = grouped_expert_forward(x, counts, weights["gate_up"], weights["down"], act, bias_up, bias_down)
+            wd = w.double()
+            ny = y.double().norm(dim=-1)
+            zeros = torch.zeros(E, dtype=torch.float64, device=flat.device)
+            st.output_energy += zeros.scatter_add(0, ids, wd * ny).cpu()
+            if quantized:
+                x32 = x.float()
+                bu, bd = f32.get("gate_up_bias"), f32.get("down_bias")
+                y32 = grouped_expert_forward(x32, counts, f32["gate_up"], f32["down"], act, bu, bd)
+                st.output_power += zeros.scatter_add(0, ids, wd.square() * y32.double().square().sum(-1)).cpu()
+                for s, qw in quantized.items():
+                    yq = grouped_expert_forward(x32, counts, qw["gate_up"], qw["down"], act, bu, bd)
+                    err = (y32 - yq).double().square().sum(-1)
+                    st.quant_error[s] += zeros.scatter_add(0, ids, wd.square() * err).cpu()
+            else:
+                st.output_power += zeros.scatter_add(0, ids, wd.square() * ny.square()).cpu()
+            out = torch.zeros_like(hidden_states)
+            out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))  # same promotion as eager
             return out
 
         return forward

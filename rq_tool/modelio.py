@@ -43,8 +43,9 @@ def read_config_dict(path: Path) -> dict:
 def load_config(path: Path):
     from transformers import AutoConfig
 
-    model_type = read_config_dict(path)["model_type"]
-    get_family(model_type) if model_type != "rq" else None
+    d = read_config_dict(path)
+    if d["model_type"] != "rq":
+        get_family(d)  # one clear error for dense / unsupported models, before transformers sees it
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:

@@ -90,16 +90,15 @@ def supported_model_types() -> list[str]:
 
 def get_family(config_or_model_type) -> MoEFamily:
     """The adapter for a config (or a model_type string); one clear error for anything else."""
-    model_type = getattr(config_or_model_type, "model_type", config_or_model_type)
+    cfg = config_or_model_type
+    model_type = cfg.get("model_type") if isinstance(cfg, dict) else getattr(cfg, "model_type", cfg)
     fam = _BY_MODEL_TYPE.get(model_type)
     if fam is not None:
         return fam
     supported = ", ".join(supported_model_types())
     if isinstance(config_or_model_type, str):
         raise RQError(f"unsupported model_type {model_type!r}; rq supports: {supported}")
-    is_moe = any(
-        getattr(config_or_model_type, a, None)
-        for a in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-    )
+    keys = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+    is_moe = any((cfg.get(a) if isinstance(cfg, dict) else getattr(cfg, a, None)) for a in keys)
     what = "an MoE family rq does not support yet" if is_moe else "a dense (non-MoE) model"
     raise RQError(f"model_type {model_type!r} is {what}; rq supports: {supported}")

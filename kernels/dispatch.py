@@ -1,0 +1,110 @@
+"""Replica-aware dispatch: logical top-k ids -> physical slots, grouped into padded blocks.
+
+Legend: T tokens, K top-k, E logical experts, R max replicas, P physical slots, N = T*K.
+
+Split policy "round-robin-by-occurrence": flatten ``topk_ids [T, K]`` row-major; the j-th
+occurrence (0-based, in that flat order) of logical expert e goes to ``log2phy[e, j % logcnt[e]]``.
+So replica r of e receives occurrences r, r + c, r + 2c, ... (c = logcnt[e]): its load is
+``n_e // c + (r < n_e % c)`` and the occurrence j sits at position ``j // c`` of its slot, which
+keeps token order inside every slot without a second sort.
+
+The grouped output follows vLLM's ``moe_align_block_size``: ``sorted_ids`` lists flat indices
+``t*K + k`` slot by slot (ascending slot, original order inside a slot), each slot's segment padded
+with the sentinel N up to a multiple of ``block_size``; ``block_slot`` gives each block's slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .backend import resolve_impl
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Where every routed (token, k) pair goes, for one MoE layer and one batch.
+
+    phy_ids:     [T, K] int64, physical slot of each pair.
+    slot_counts: [P] int64, pairs per slot.
+    sorted_ids:  [num_padded] int64, flat pair indices grouped by slot, sentinel N as padding.
+    block_slot:  [num_padded // block_size] int64, slot of each block of ``sorted_ids``.
+    num_padded:  int, length of ``sorted_ids``.
+    block_size:  int, the padding multiple (the experts kernel's BLOCK_M).
+    """
+
+    phy_ids: torch.Tensor
+    slot_counts: torch.Tensor
+    sorted_ids: torch.Tensor
+    block_slot: torch.Tensor
+    num_padded: int
+    block_size: int
+
+    @property
+    def num_pairs(self) -> int:
+        """N = T*K, also the sentinel value in ``sorted_ids``."""
+        return self.phy_ids.numel()
+
+
+def _check(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, num_slots: int, block_size: int):
+    assert topk_ids.dim() == 2, f"topk_ids must be [T, K], got {tuple(topk_ids.shape)}"
+    assert log2phy.dim() == 2 and logcnt.shape == (log2phy.shape[0],), (
+        f"log2phy must be [E, R] and logcnt [E]; got {tuple(log2phy.shape)} and {tuple(logcnt.shape)}"
+    )
+    assert not topk_ids.is_floating_point() and log2phy.dtype == torch.int64 and logcnt.dtype == torch.int64
+    assert topk_ids.device == log2phy.device == logcnt.device, "topk_ids, log2phy, logcnt on different devices"
+    assert num_slots >= 1 and block_size >= 1
+
+
+def replica_dispatch_reference(
+    topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, num_slots: int, block_size: int = 64
+) -> Dispatch:
+    """Pure-torch dispatch (see module docstring); same contract as :func:`replica_dispatch`."""
+    _check(topk_ids, log2phy, logcnt, num_slots, block_size)
+    dev = topk_ids.device
+    T, K = topk_ids.shape
+    flat = topk_ids.reshape(-1).long()
+    N = flat.numel()
+    pos = torch.arange(N, device=dev)
+    # occurrence rank of each pair inside its logical expert, in flat (token, k) order
+    order = torch.sort(flat, stable=True).indices
+    e_count = torch.bincount(flat, minlength=log2phy.shape[0])
+    e_start = torch.cumsum(e_count, 0) - e_count
+    occ = torch.empty_like(flat)
+    occ[order] = pos - e_start[flat[order]]
+    phy = log2phy[flat, occ % logcnt[flat]]
+    # group by slot, keeping flat order inside a slot; pad every segment to block_size
+    slot_counts = torch.bincount(phy, minlength=num_slots)
+    padded = (slot_counts + block_size - 1) // block_size * block_size
+    pad_start = torch.cumsum(padded, 0) - padded
+    slot_start = torch.cumsum(slot_counts, 0) - slot_counts
+    by_slot = torch.sort(phy, stable=True).indices
+    phy_sorted = phy[by_slot]
+    num_padded = int(padded.sum())
+    sorted_ids = torch.full((num_padded,), N, dtype=torch.int64, device=dev)
+    sorted_ids[pad_start[phy_sorted] + pos - slot_start[phy_sorted]] = by_slot
+    block_slot = torch.repeat_interleave(torch.arange(num_slots, device=dev), padded // block_size)
+    return Dispatch(phy.reshape(T, K), slot_counts, sorted_ids, block_slot, num_padded, block_size)
+
+
+def replica_dispatch(
+    topk_ids: torch.Tensor,
+    log2phy: torch.Tensor,
+    logcnt: torch.Tensor,
+    num_slots: int,
+    block_size: int = 64,
+    impl: str | None = None,
+) -> Dispatch:
+    """Route ``topk_ids [T, K]`` (logical ids in [0, E)) to physical slots and group them.
+
+    ``log2phy [E, R]`` int64 (-1 padded) and ``logcnt [E]`` int64 (>= 1) come from a validated
+    routing map; they are not re-checked here (that would cost a device sync per layer). The
+    Triton experts kernel needs ``block_size`` a power of two >= 16. ``impl``: see ``backend``.
+    """
+    if resolve_impl(impl, topk_ids.is_cuda) == "triton":
+        from .dispatch_triton import replica_dispatch_triton
+
+        _check(topk_ids, log2phy, logcnt, num_slots, block_size)
+        return replica_dispatch_triton(topk_ids, log2phy, logcnt, num_slots, block_size)
+    return replica_dispatch_reference(topk_ids, log2phy, logcnt, num_slots, block_size)

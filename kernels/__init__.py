@@ -12,13 +12,14 @@ imported lazily; on CPU it runs only under ``TRITON_INTERPRET=1`` (tests).
 
 from .backend import resolve_impl, triton_available
 from .dispatch import Dispatch, replica_dispatch, replica_dispatch_reference
-from .experts import moe_experts, moe_experts_reference
+from .experts import moe_experts, moe_experts_grouped, moe_experts_reference
 from .slots import SlotWeights
 
 __all__ = [
     "Dispatch",
     "SlotWeights",
     "moe_experts",
+    "moe_experts_grouped",
     "moe_experts_reference",
     "replica_dispatch",
     "replica_dispatch_reference",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rq_tool.arch.activation import activation_fn
+from rq_tool.arch.activation import activation_fn, grouped_expert_forward
 
 from .backend import resolve_impl
 from .dispatch import Dispatch
@@ -57,6 +57,25 @@ def moe_experts_reference(
     return out.view(T, K, weights.hidden_size).sum(1).to(dtype)
 
 
+def moe_experts_grouped(
+    x: torch.Tensor, topk_weights: torch.Tensor, dispatch: Dispatch, weights: SlotWeights
+) -> torch.Tensor:
+    """The torch path the CPU runtime runs: the reference's math with one grouped matmul per
+    projection over all slots (quantized slots dequantized for the call, nothing cached)."""
+    _check(x, topk_weights, dispatch, weights)
+    T, K = dispatch.phy_ids.shape
+    N, dtype = T * K, x.dtype
+    gate_up, down = weights.dense(dtype)
+    pairs = dispatch.sorted_ids[dispatch.sorted_ids < N]
+    counts = dispatch.slot_counts.tolist()
+    gu_bias = None if weights.gate_up_bias is None else weights.gate_up_bias.to(dtype)
+    dn_bias = None if weights.down_bias is None else weights.down_bias.to(dtype)
+    y = grouped_expert_forward(x[pairs // K], counts, gate_up, down, weights.act, gu_bias, dn_bias)
+    out = torch.empty(N, weights.hidden_size, dtype=torch.float32, device=x.device)
+    out[pairs] = y.float() * topk_weights.reshape(-1).float()[pairs, None]
+    return out.view(T, K, weights.hidden_size).sum(1).to(dtype)
+
+
 def moe_experts(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -75,4 +94,4 @@ def moe_experts(
 
         _check(x, topk_weights, dispatch, weights)
         return moe_experts_triton(x, topk_weights, dispatch, weights)
-    return moe_experts_reference(x, topk_weights, dispatch, weights)
+    return moe_experts_grouped(x, topk_weights, dispatch, weights)

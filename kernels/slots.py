@@ -107,6 +107,21 @@ class SlotWeights:
         dn = nf4_dequantize_torch(g["down"][rows].reshape(-1), g["down_absmax"][rows].reshape(-1), (n, H, I))
         return gu.to(dtype), dn.to(dtype)
 
+    def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """All slots as ``gate_up [P, 2I, H]``, ``down [P, H, I]`` in ``dtype`` (no copy when the
+        layer is one float group already in ``dtype`` and in slot order)."""
+        if len(self.groups) == 1 and scheme_kind(self.schemes[0]) == "float":
+            g = self.groups[0]
+            if g["gate_up"].dtype == dtype and torch.equal(self.slot_index, torch.arange(self.num_slots, device=self.device)):
+                return g["gate_up"], g["down"]
+        H, I, P = self.hidden_size, self.intermediate_size, self.num_slots
+        gate_up = torch.empty(P, 2 * I, H, dtype=dtype, device=self.device)
+        down = torch.empty(P, H, I, dtype=dtype, device=self.device)
+        for group in range(len(self.groups)):
+            members = (self.slot_scheme == group).nonzero().flatten()
+            gate_up[members], down[members] = self.dequantize_rows(group, self.slot_index[members], dtype)
+        return gate_up, down
+
     def dequantize_slot(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot ``slot``'s ``gate_up [2I, H]`` and ``down [H, I]`` in ``dtype`` (float: a view, no copy)."""
         H, I = self.hidden_size, self.intermediate_size

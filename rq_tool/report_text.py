@@ -44,13 +44,16 @@ def plan_table(plan) -> str:
         E = lp.num_logical
         rep = [(e, int(c)) for e, c in enumerate(lp.logcnt.tolist()) if c > 1]
         rep_s = " ".join(f"e{e}x{c}" for e, c in rep) or "-"
+        if len(rep_s) > 24:
+            rep_s = rep_s[:21].rsplit(" ", 1)[0] + " .."
         counts: dict[str, int] = {}
         for i in lp.slot_scheme.tolist():
             counts[plan.schemes[i]] = counts.get(plan.schemes[i], 0) + 1
         sch = " ".join(f"{k}:{v}" for k, v in counts.items())
         lis_s = f"{lp.lis_before:.2f} -> {lp.lis_after:.2f}"
         by = f"{_mb(lp.bytes_before)} -> {_mb(lp.bytes_after)}"
-        lines.append(f"{lp.layer:>5}  {lp.num_physical:>2}/{E:<2}  {rep_s:<24}  {sch:<22}  {lis_s:>13}  {by:>21}  {lp.pred_error:>9.3g}")
+        slots = f"{lp.num_physical}/{E}"
+        lines.append(f"{lp.layer:>5}  {slots:>5}  {rep_s:<24}  {sch:<22}  {lis_s:>13}  {by:>21}  {lp.pred_error:>9.3g}")
     t = plan.totals()
     ratio = t["bytes_after"] / t["bytes_before"] if t["bytes_before"] else 1.0
     lines.append(f"strategy {plan.options.strategy}: mean LIS {t['lis_before_mean']:.3f} -> {t['lis_after_mean']:.3f} "

@@ -137,5 +137,13 @@ def verify(out):
     click.echo(f"OK {out}: every file matches the manifest; routing map consistent with config and tensors")
 
 
+def _register_stage_commands() -> None:
+    from .export.cli import export
+
+    main.add_command(export)
+
+
+_register_stage_commands()
+
 if __name__ == "__main__":
     main()

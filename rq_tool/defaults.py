@@ -44,3 +44,12 @@ def default_model_path() -> Path:
 def calibration_sets_dir() -> Path:
     """Where the bundled calibration sets live (the repo's calibration_sets/, packaged)."""
     return Path(str(resources.files("rq_tool.calibration_sets")))
+
+
+# ---- export (serving engines) -----------------------------------------------------------
+EXPORT_FORMAT = ("rq-export", 1)  # the --json report of rq export (engine files keep the engine's own layout)
+EXPORT_TARGET_MAX_MEAN = 1.10  # default --redundant: smallest R reaching this predicted per-GPU max/mean
+EXPORT_SGLANG_FILE = "sglang_expert_location.json"
+EXPORT_QCONFIG_FILE = "quantization_config.json"
+VLLM_EPLB_WINDOW_SIZE = 1000  # steps of load history vLLM's EPLB balances on
+VLLM_EPLB_STEP_INTERVAL = 3000  # steps between vLLM's EPLB rearrangements

@@ -1,0 +1,42 @@
+"""``rq export``: rq's measurements in the formats real serving engines read.
+
+README
+------
+Serving engines (SGLang, vLLM) run the ORIGINAL checkpoint with expert parallelism; they cannot
+load rq's rewritten directory (per-expert replicas and per-expert schemes). What carries over is
+what rq measured and planned:
+
+- a placement (``location``, ``engines``): how many redundant slots R per MoE layer, which
+  experts they replicate and which GPU holds each slot, planned from the profile's loads with
+  ``rq_tool.plan.placement`` -- the same code the simulator (``rq_tool.eval.ep``) scores, so the
+  predicted per-GPU max/mean rq prints is the simulator's number. SGLang loads it as
+  ``--init-expert-location`` (``physical_to_logical_map [num_hidden_layers, E + R]``, absolute
+  layer ids, dense layers filled with the engine's identity + round-robin default) or takes the
+  raw counts (``logical_count [num_hidden_layers, E]``) and plans itself. vLLM cannot load a
+  placement yet: rq gives the ``--eplb-config`` with its recommended R, and vLLM learns the
+  load online from identity + round-robin redundancy.
+- a per-layer precision (``precision``): engines run ONE quantization scheme per MoE layer
+  (mixed across layers is fine), so rq chooses which layers' experts to quantize within a
+  memory budget at the lowest predicted error and writes a compressed-tensors
+  ``"format": "mixed-precision"`` ``quantization_config``. Out of scope: writing the
+  re-quantized checkpoint itself -- quantize with those ``config_groups`` (e.g. llm-compressor)
+  and put the dict in the checkpoint's config.json.
+
+Pure functions (``location``, ``engines``, ``precision``) take tensors and return tensors or
+dicts; ``source`` does the reading and the atomic writing; ``cli`` is the click command.
+When to use which output: ``USAGE.md`` beside this file.
+"""
+
+from .engines import ENGINES, EngineExport, PlacementPlan, get_engine, plan_placement
+from .location import (balanced_phy2log, check_redundant, engine_default_phy2log, gpu_max_mean, logical_count_map,
+                       physical_to_logical_map, recommend_redundant, valid_redundant)
+from .precision import (ENGINE_WEIGHT_SCHEMES, choose_layer_precision, compressed_tensors_config, expert_target,
+                        precision_summary)
+from .source import ExportSource, read_source
+
+__all__ = [
+    "ENGINES", "ENGINE_WEIGHT_SCHEMES", "EngineExport", "ExportSource", "PlacementPlan", "balanced_phy2log",
+    "check_redundant", "choose_layer_precision", "compressed_tensors_config", "engine_default_phy2log",
+    "expert_target", "get_engine", "gpu_max_mean", "logical_count_map", "physical_to_logical_map", "plan_placement",
+    "precision_summary", "read_source", "recommend_redundant", "valid_redundant",
+]

@@ -1,0 +1,154 @@
+"""What each serving engine is given: a placement plan, then per engine a file, flags and notes (pure).
+
+Legend: L MoE layers, E logical experts, R redundant slots per layer, P = E + R, N GPUs (EP size),
+H decoder layers.
+
+``plan_placement`` picks R (given, or rq's recommendation, see ``location.recommend_redundant``)
+and places the slots; an ``Engine`` from ``ENGINES`` turns the plan into what the engine reads:
+
+- ``sglang``: ``--init-expert-location FILE`` with ``{"physical_to_logical_map": [H, P]}`` (used
+  as is), or with ``--logical-count`` ``{"logical_count": [H, E]}`` (SGLang runs its own EPLB on
+  the counts);
+- ``vllm``: no placement file can be loaded yet; the ``--eplb-config`` with rq's R, vLLM then
+  starts from identity + round-robin redundancy and learns the load online.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .. import defaults
+from ..errors import RQError
+from .location import (balanced_phy2log, check_redundant, engine_default_phy2log, gpu_max_mean, logical_count_map,
+                       physical_to_logical_map, recommend_redundant)
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    """R, the placement and its predicted per-GPU max/mean (``[L]`` each, 1.0 = balanced)."""
+
+    layers: tuple[int, ...]  # absolute ids of the MoE layers
+    num_hidden_layers: int
+    load: torch.Tensor  # [L, E] measured loads
+    ep_size: int
+    redundant: int
+    recommended: bool  # R chosen by rq (True) or given by the user
+    target: float  # the max/mean the recommendation aimed for
+    phy2log: torch.Tensor  # [L, P] rq's placement, GPU-major
+    engine_default: torch.Tensor  # [L] identity + round-robin redundancy at the same R
+    rq: torch.Tensor  # [L] rq's placement
+    identity: torch.Tensor | None  # [L] no redundancy (R = 0); None when E % N != 0
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.load.shape[-1])
+
+    @property
+    def num_physical(self) -> int:
+        return self.num_experts + self.redundant
+
+    def summary(self) -> dict:
+        def stats(x):
+            return None if x is None else {"mean": float(x.mean()), "max": float(x.max()), "per_layer": x.tolist()}
+
+        return {"ep_size": self.ep_size, "num_experts": self.num_experts, "redundant": self.redundant,
+                "redundant_recommended": self.recommended, "target_max_mean": self.target,
+                "num_physical": self.num_physical, "layers": list(self.layers),
+                "max_mean": {"identity": stats(self.identity), "engine_default": stats(self.engine_default),
+                             "rq": stats(self.rq)}}
+
+
+def plan_placement(load: torch.Tensor, layers, num_hidden_layers: int, ep_size: int, redundant: int | None = None,
+                   target: float = defaults.EXPORT_TARGET_MAX_MEAN) -> PlacementPlan:
+    """Choose R (``None``: rq's recommendation) and place ``load [L, E]`` on ``ep_size`` GPUs."""
+    load = load.double().cpu()
+    L, E = load.shape
+    layers = tuple(int(x) for x in layers)
+    if len(layers) != L or len(set(layers)) != L:
+        raise RQError(f"{L} MoE layers of loads but layer ids {list(layers)}")
+    bad = [x for x in layers if not 0 <= x < num_hidden_layers]
+    if bad:
+        raise RQError(f"MoE layer ids {bad} are outside the model's {num_hidden_layers} decoder layers")
+    if int(ep_size) < 1:
+        raise RQError(f"--ep-size must be at least 1, got {ep_size}")
+    recommended = redundant is None
+    if recommended:
+        redundant, _ = recommend_redundant(load, ep_size, target)
+    check_redundant(E, ep_size, redundant)
+    P = E + redundant
+    phy2log = balanced_phy2log(load, P, ep_size)
+    identity = gpu_max_mean(load, torch.arange(E)[None], ep_size) if E % ep_size == 0 else None
+    return PlacementPlan(layers, int(num_hidden_layers), load, int(ep_size), int(redundant), recommended, target,
+                         phy2log, gpu_max_mean(load, engine_default_phy2log(E, P)[None], ep_size),
+                         gpu_max_mean(load, phy2log, ep_size), identity)
+
+
+@dataclass(frozen=True)
+class EngineExport:
+    """``content``: the JSON written to ``--out`` (None: nothing to write); ``flags``: server flags."""
+
+    content: dict | None
+    flags: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def _shell_quote_json(obj) -> str:
+    return "'" + json.dumps(obj, separators=(", ", ": ")) + "'"
+
+
+def _sglang(plan: PlacementPlan, out: str | None, logical_count: bool) -> EngineExport:
+    out = out or defaults.EXPORT_SGLANG_FILE
+    if logical_count:
+        content = {"logical_count": logical_count_map(plan.layers, plan.load, plan.num_hidden_layers).tolist()}
+        notes = ["SGLang plans the placement itself from these counts (rq's 'after' is EPLB's global policy on "
+                 "the same counts); add --enable-eplb --expert-distribution-recorder-mode stat to keep "
+                 "rebalancing online from live traffic"]
+    else:
+        content = {"physical_to_logical_map": physical_to_logical_map(
+            plan.layers, plan.phy2log, plan.num_experts, plan.num_hidden_layers).tolist()}
+        notes = ["dense layers' rows are identity + round-robin (SGLang never reads them)"]
+    flags = [f"--ep-size {plan.ep_size}", f"--ep-num-redundant-experts {plan.redundant}",
+             f"--init-expert-location {out}"]
+    if logical_count:
+        flags.append("--enable-eplb")
+    return EngineExport(content, flags, notes)
+
+
+def _vllm(plan: PlacementPlan, out: str | None, logical_count: bool) -> EngineExport:
+    if logical_count:
+        raise RQError("--logical-count is SGLang's format; vLLM cannot be given loads or a placement "
+                      "(use --engine sglang, or drop --logical-count)")
+    eplb = {"num_redundant_experts": plan.redundant, "window_size": defaults.VLLM_EPLB_WINDOW_SIZE,
+            "step_interval": defaults.VLLM_EPLB_STEP_INTERVAL}
+    flags = ["--enable-expert-parallel", "--enable-eplb", f"--eplb-config {_shell_quote_json(eplb)}"]
+    notes = [f"vLLM cannot load a static placement yet: it starts from identity + round-robin redundancy "
+             f"(predicted max/mean {float(plan.engine_default.mean()):.3f}) and learns the load online; rq's "
+             f"placement ({float(plan.rq.mean()):.3f}) is what its EPLB can reach when traffic looks like the "
+             "calibration set",
+             "vLLM's EP size is tensor-parallel x data-parallel size; plan with --ep-size equal to it "
+             f"({plan.ep_size})"]
+    return EngineExport(eplb if out else None, flags, notes)
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    build: Callable[[PlacementPlan, str | None, bool], EngineExport]
+    placement_file: bool  # whether the engine can load a static placement
+
+
+ENGINES: dict[str, Engine] = {
+    "sglang": Engine("sglang", _sglang, placement_file=True),
+    "vllm": Engine("vllm", _vllm, placement_file=False),
+}
+
+
+def get_engine(name: str) -> Engine:
+    try:
+        return ENGINES[name]
+    except KeyError:
+        raise RQError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}") from None

@@ -1,0 +1,111 @@
+"""Thin I/O for rq export: read a profile or a rewritten model dir, write engine files atomically.
+
+Legend: L MoE layers, E logical experts, S schemes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import defaults
+from ..calibrate.profile import Profile
+from ..errors import RQError
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    """Everything export needs from PROFILE_OR_OUT."""
+
+    path: Path
+    profile: Profile
+    num_hidden_layers: int  # decoder layers, dense ones included
+    routing_map: object | None = None  # rq_tool.runtime.RoutingMap of a rewritten model dir
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Absolute ids of the MoE layers, profile order."""
+        return tuple(lp.layer for lp in self.profile.layers)
+
+    @property
+    def num_experts(self) -> int:
+        return self.profile.num_experts
+
+    def load(self) -> torch.Tensor:
+        """``[L, E]`` float64 measured loads (routed token-slots)."""
+        return self.profile.load_matrix().double()
+
+
+def _num_hidden_layers(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RQError(f"{where}: num_hidden_layers is {value!r}, expected a positive integer")
+    return value
+
+
+def read_source(path) -> ExportSource:
+    """A profile.json (``rq calibrate``) or a rewritten model dir (its ``rq_profile.json``, and the
+    MoE layers of ``config.json``'s ``rq.routing_map``, which must agree with the profile)."""
+    path = Path(path)
+    if not path.exists():
+        raise RQError(f"{str(path)!r} not found (give a profile.json from rq calibrate or a directory from rq rewrite)")
+    if path.is_file():
+        profile = Profile.load(path)
+        return ExportSource(path, profile, _num_hidden_layers(profile.model.get("num_hidden_layers"), str(path)))
+    from ..runtime.hf import read_rq_config  # transformers is imported only for model dirs
+    from ..runtime.routing_map import RoutingMap
+
+    config = read_rq_config(path)
+    profile = Profile.load(path / defaults.PROFILE_FILE)
+    rmap = RoutingMap.from_dict(config["rq"].get("routing_map"), where=f"{path}/config.json routing map")
+    map_layers = [lm.layer for lm in rmap.layers]
+    prof_layers = [lp.layer for lp in profile.layers]
+    if map_layers != prof_layers or rmap.num_experts != profile.num_experts:
+        raise RQError(f"{path}: routing map has MoE layers {map_layers} x {rmap.num_experts} experts but "
+                      f"{defaults.PROFILE_FILE} has {prof_layers} x {profile.num_experts}")
+    n = _num_hidden_layers(config.get("num_hidden_layers"), f"{path}/config.json")
+    return ExportSource(path, profile, n, rmap)
+
+
+def layer_scheme_bytes(source: ExportSource, model, schemes) -> tuple[torch.Tensor, list[str]]:
+    """Stored bytes of one MoE layer's experts in each scheme, from the source checkpoint's headers.
+
+    ``model``: the checkpoint the profile was measured on (None: the profile's ``model.path``).
+    Returns ``(layer_bytes [S] int64, scheme names [S] with the source scheme first)``; the
+    profile must belong to that checkpoint.
+    """
+    from ..arch import get_family
+    from ..modelio import load_config, read_config_dict, resolve_model_path
+    from ..rewrite.layout import read_layout
+    from ..rewrite.source import SafetensorsCheckpoint
+
+    spec = model if model is not None else source.profile.model.get("path")
+    if spec is None or not Path(str(spec)).expanduser().is_dir():
+        raise RQError(f"per-layer precision needs the expert sizes of the original checkpoint, and {spec!r} (the "
+                      "profile's model path) is not a local directory", hint="pass --model SOURCE_DIR")
+    src = resolve_model_path(spec)
+    if "rq" in read_config_dict(src):
+        raise RQError(f"{src} is an rq-rewritten model; --model must be the original checkpoint")
+    config = load_config(src)
+    source.profile.check_matches(config, where=str(source.path))
+    layout = read_layout(SafetensorsCheckpoint(src), get_family(config))
+    if list(layout.layers) != list(source.layers):
+        raise RQError(f"{src} has MoE layers {list(layout.layers)}, the profile {list(source.layers)}")
+    names = [layout.source_scheme, *[s for s in schemes if s != layout.source_scheme]]
+    nbytes = torch.tensor([layout.num_experts * layout.expert_bytes(s) for s in names], dtype=torch.int64)
+    return nbytes, names
+
+
+def write_json_atomic(path, obj) -> Path:
+    """Write ``obj`` as JSON via a temporary file + rename (never half-written)."""
+    path = Path(path)
+    if path.is_dir():
+        raise RQError(f"--out {str(path)!r} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise RQError(f"--out {str(path)!r}: directory {str(path.parent)!r} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj) + "\n")
+    tmp.replace(path)
+    return path

@@ -98,7 +98,8 @@ def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schem
 @click.option("--importance", default="quant_error", show_default=True, type=click.Choice(["quant_error", "frequency"]),
               help="What picks the experts to quantize: measured quantization damage, or routing frequency only.")
 @click.option("--max-error", type=float, default=None,
-              help="Cap on predicted error per layer (sum of w^2*||dy||^2 over calibration tokens).")
+              help="Cap on predicted quantization noise per layer, relative to the layer's expert output power "
+                   "(1e-3 = 30 dB SQNR); unset: only the budget and LIS gains limit it.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")

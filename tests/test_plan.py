@@ -55,7 +55,7 @@ def test_log2phy_from_phy2log():
 
 
 def test_hot_expert_gets_free_replicas_with_room():
-    plan = _plan(HOT, _error([8, 1, 2, 3]), BF16_INT8, torch.tensor([800]))  # 2.0x: replicas are free
+    plan = _plan(HOT, _error([8, 1, 2, 3]), BF16_INT8, torch.tensor([800]), max_replicas_per_expert=4)  # 2.0x: free
     lp = plan.layers[0]
     assert lp.phy2log.tolist() == [0, 1, 2, 3, 0, 0, 0]  # capped at max_replicas_per_expert=4
     assert lp.slot_scheme.tolist() == [0] * 7
@@ -109,7 +109,8 @@ def test_caps_and_max_error():
     assert _plan(HOT, cheap, BF16_INT8, torch.tensor([800]), max_slots_factor=1.25).layers[0].num_physical == 5
     # at 1.0x every replica must be paid for with quantization error: max_error=0 forbids it
     assert _plan(HOT, cheap, BF16_INT8, torch.tensor([400]), max_error=0.0).layers[0].num_physical == 4
-    assert _plan(HOT, cheap, BF16_INT8, torch.tensor([800]), max_error=0.0).layers[0].num_physical == 7
+    assert _plan(HOT, cheap, BF16_INT8, torch.tensor([800]), max_error=0.0,
+                 max_replicas_per_expert=4).layers[0].num_physical == 7
     # huge min_gain: nothing is worth it
     assert _plan(HOT, cheap, BF16_INT8, torch.tensor([800]), min_gain=0.9).layers[0].num_physical == 4
 
@@ -158,7 +159,8 @@ def test_paper_strategy_errors():
 
 
 def test_replicate_only_ignores_budget():
-    plan = _plan(HOT, _error([8, 1, 2, 3]), BF16_INT8, torch.tensor([1]), strategy="replicate-only")
+    plan = _plan(HOT, _error([8, 1, 2, 3]), BF16_INT8, torch.tensor([1]), strategy="replicate-only",
+                 max_replicas_per_expert=4)
     lp = plan.layers[0]
     assert lp.phy2log.tolist() == [0, 1, 2, 3, 0, 0, 0] and lp.slot_scheme.eq(0).all()
     assert lp.bytes_after == 700 and lp.pred_error == 0.0

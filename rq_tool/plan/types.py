@@ -46,9 +46,9 @@ class PlanOptions:
 
     strategy: str = defaults.STRATEGY
     max_error: float | None = None
-    max_replicas_per_expert: int = 4
-    max_slots_factor: float = 2.0
-    min_gain: float = 0.005
+    max_replicas_per_expert: int = defaults.MAX_REPLICAS_PER_EXPERT
+    max_slots_factor: float = defaults.MAX_SLOTS_FACTOR
+    min_gain: float = defaults.MIN_GAIN
     error_weight: str = "quant_error"
 
     def __post_init__(self):

@@ -17,7 +17,10 @@ IMPORTANCE = ("quant_error", "frequency")
 
 
 def plan_inputs(profile: Profile, layout: ExpertLayout, schemes, importance: str = "quant_error"):
-    """``(load [L, E] f64, error [L, E, S] f64, scheme_names [S], scheme_bytes [S] i64)``."""
+    """``(load [L, E] f64, error [L, E, S] f64, scheme_names [S], scheme_bytes [S] i64)``.
+
+    ``error`` is relative: quantization damage over the layer's expert output power.
+    """
     if importance not in IMPORTANCE:
         raise RQError(f"unknown --importance {importance!r}; known: {', '.join(IMPORTANCE)}")
     prof_layers = [lp.layer for lp in profile.layers]
@@ -41,6 +44,10 @@ def plan_inputs(profile: Profile, layout: ExpertLayout, schemes, importance: str
             totals = load.sum(-1)[:, None, None].expand(L, 1, len(schemes))
         measured = share[:, :, None] * totals
     error = torch.cat([torch.zeros(L, E, 1, dtype=torch.float64), measured.double()], dim=-1)
+    # relative units: damage as a fraction of the layer's calibrated expert output power
+    # (sum of w^2 ||y||^2), so --max-error 1e-3 means "at most 0.1% noise power per layer" (30 dB)
+    power = torch.stack([lp.output_power.sum() for lp in profile.layers]).double().clamp_min(1e-30)
+    error = error / power[:, None, None]
     scheme_bytes = torch.tensor([layout.expert_bytes(s) for s in names], dtype=torch.int64)
     return load, error, names, scheme_bytes
 

@@ -139,8 +139,11 @@ def verify(out):
 
 
 def _register_stage_commands() -> None:
+    from .eval.cli import eval_cmd, report
     from .export.cli import export
 
+    main.add_command(eval_cmd)
+    main.add_command(report)
     main.add_command(export)
 
 

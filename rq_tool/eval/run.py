@@ -1,0 +1,101 @@
+"""``rq_tool.eval.evaluate(...)``: the library call behind ``rq eval``, and its text rendering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import defaults
+from ..errors import RQError
+from .compare import compare, score_original, score_rewritten
+from .ep import DEVICE_COUNTS
+from .heldout import SEQ_LEN, TOKENS_PER_DOMAIN, load_heldout
+
+
+def evaluate(original, rewritten, *, datasets=(), max_tokens: int = TOKENS_PER_DOMAIN, seq_len: int = SEQ_LEN,
+             batch_size: int = defaults.BATCH_SIZE, device_counts=DEVICE_COUNTS, laser=None,
+             domain_weights: dict[str, float] | None = None) -> dict:
+    """Compare ``rewritten`` (an ``rq rewrite`` output) with ``original`` on held-out data.
+
+    Returns ``{"results": [original row, rewritten row (, laser row)], "heldout": ...}``; each
+    row is a ``compare`` result (see ``rq_tool.eval.compare``). ``laser``: a ``LaserConfig`` to
+    also score LASER routing on the original weights. ``domain_weights``: token shares of the
+    traffic the plan was made for, adding each row's ``matched`` pool.
+    """
+    from ..calibrate.profile import Profile
+    from ..modelio import load_tokenizer, resolve_model_path
+
+    src = resolve_model_path(original)
+    rewritten = Path(rewritten)
+    if not (rewritten / "config.json").is_file():
+        raise RQError(f"{rewritten} is not a model directory (no config.json)")
+    prof_path = rewritten / defaults.PROFILE_FILE
+    profile = Profile.load(prof_path) if prof_path.is_file() else None
+    cal_sha = profile.calibration.get("sha256") if profile else None
+    tokenizer = load_tokenizer(src)
+    max_pos = getattr(_config(src), "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise RQError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
+    heldout = load_heldout(tokenizer, tuple(datasets), seq_len=seq_len, max_tokens=max_tokens,
+                           calibration_sha256=cal_sha)
+    plan_load = profile.load_matrix() if profile else None
+    orig = score_original(src, heldout, batch_size=batch_size, plan_load=plan_load)
+    cand = score_rewritten(rewritten, src, heldout, batch_size=batch_size, name=rewritten.name)
+    kw = {"device_counts": device_counts, "domain_weights": domain_weights}
+    results = [compare(orig, orig, heldout, **kw), compare(orig, cand, heldout, **kw)]
+    if laser is not None:
+        from ..routing_policy import LaserRouting
+
+        las = score_original(src, heldout, batch_size=batch_size, name="laser", plan_load=plan_load,
+                             info={"laser": laser.to_dict()}, policy=lambda m, f: LaserRouting(m, f, laser))
+        results.append(compare(orig, las, heldout, **kw))
+    return {"results": results, "heldout": heldout.describe()}
+
+
+def _config(path):
+    from ..modelio import load_config
+
+    return load_config(path)
+
+
+def detail_text(result: dict) -> str:
+    """Per-domain quality, per-layer LIS, bytes and EP of one ``compare`` result, for people."""
+    r = result
+    lines = [f"== {r['name']} vs original"]
+    lines.append(f"{'domain':<12} {'ppl orig':>9} {'ppl new':>9} {'Δppl%':>7} {'acc orig':>9} {'acc new':>8} "
+                 f"{'Δacc pts':>8} {'LIS before':>10} {'after':>6} {'batch LIS before':>16} {'after':>6}")
+    for d, q in r["quality"].items():
+        li = r["lis"]["domains"].get(d)
+        lis_s = (f"{li['mean_before']:>10.3f} {li['mean_after']:>6.3f} {li['batch_mean_before']:>16.3f} "
+                 f"{li['batch_mean_after']:>6.3f}") if li else ""
+        lines.append(f"{d:<12} {q['original']['ppl']:>9.3f} {q['candidate']['ppl']:>9.3f} {q['ppl_delta_pct']:>+7.2f} "
+                     f"{100 * q['original']['acc']:>8.2f}% {100 * q['candidate']['acc']:>7.2f}% "
+                     f"{100 * q['acc_delta']:>+8.2f} {lis_s}")
+    li = r["lis"]
+    lines.append("LIS per layer (held-out, pooled): " + ", ".join(
+        f"L{x['layer']} {x['before']:.2f}->{x['after']:.2f} ({x['slots']} slots)" for x in li["layers"]))
+    change = f"{li['reduction']:.2f}x lower" if li["reduction"] >= 1 else f"{1 / li['reduction']:.2f}x higher"
+    lines.append(f"LIS mean {li['mean_before']:.3f} -> {li['mean_after']:.3f} ({change}, "
+                 f"{100 * li['excess_removed']:.0f}% of the excess removed); per batch "
+                 f"{li['batch_mean_before']:.3f} -> "
+                 f"{li['batch_mean_after']:.3f}")
+    b = r["bytes"]
+    lines.append(f"expert bytes {b['before']:,} -> {b['after']:,} ({b['ratio']:.3f}x)")
+    for g, e in r["ep"].items():
+        mem = "within the original per-device share" if e["fits_original_share"] else \
+            f"fullest device {e['device_bytes_ratio']:.2f}x the original share"
+        lines.append(f"EP G={g}: max/mean before (contiguous) {e['before']:.3f}, after (placed) {e['after']:.3f} "
+                     f"[{mem}; memory ignored {e['after_memory_free']:.3f}]; EPLB {e['eplb']:.3f} at "
+                     f"{e['eplb_bytes_ratio']:.2f}x bytes")
+    m = r.get("matched")
+    if m:
+        w = ", ".join(f"{d} {v:.0%}" for d, v in m["weights"].items())
+        e8 = m["ep"].get(max(m["ep"], key=int))
+        lines.append(f"mixture {w}: ppl {m['quality']['ppl_delta_pct']:+.2f}%, "
+                     f"LIS mean {m['lis']['mean_before']:.3f} -> "
+                     f"{m['lis']['mean_after']:.3f} ({100 * m['lis']['excess_removed']:.0f}% of the excess removed), "
+                     f"EP G={max(m['ep'], key=int)} {e8['before']:.3f} -> {e8['after']:.3f}")
+    if r.get("policy_stats"):
+        tok = sum(s["tokens"] for s in r["policy_stats"])
+        rer = sum(s["rerouted"] for s in r["policy_stats"])
+        lines.append(f"routing policy: {rer}/{tok} token-layer decisions had a choice ({100 * rer / max(tok, 1):.1f}%)")
+    return "\n".join(lines)

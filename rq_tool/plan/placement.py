@@ -155,6 +155,49 @@ def _greedy_place(order, load, nbytes, G: int, max_count: int, capacity: int | N
     return out
 
 
+def _refine(out, load, nbytes, G: int, max_count: int, capacity: int | None, rounds: int = 200):
+    """Local search on a feasible placement: move or swap a slot of the busiest device while that
+    lowers the larger of the two devices' loads and keeps both within memory and count limits."""
+    dev_load, dev_bytes, dev_count = [0.0] * G, [0] * G, [0] * G
+    for i, g in enumerate(out):
+        dev_load[g] += load[i]
+        dev_bytes[g] += nbytes[i]
+        dev_count[g] += 1
+    cap = float("inf") if capacity is None else capacity
+    for _ in range(rounds):
+        hi = max(range(G), key=lambda g: dev_load[g])
+        best = None  # (new pair max, kind, i, j, g)
+        mine = [i for i, g in enumerate(out) if g == hi]
+        for g in range(G):
+            if g == hi:
+                continue
+            for i in mine:
+                if dev_count[g] < max_count and dev_bytes[g] + nbytes[i] <= cap:  # move i -> g
+                    m = max(dev_load[hi] - load[i], dev_load[g] + load[i])
+                    if m < dev_load[hi] - 1e-12 and (best is None or m < best[0]):
+                        best = (m, "move", i, None, g)
+                for j in (j for j, h in enumerate(out) if h == g):  # swap i <-> j
+                    d = load[i] - load[j]
+                    if d <= 0 or dev_bytes[g] - nbytes[j] + nbytes[i] > cap or dev_bytes[hi] - nbytes[i] + nbytes[j] > cap:
+                        continue
+                    m = max(dev_load[hi] - d, dev_load[g] + d)
+                    if m < dev_load[hi] - 1e-12 and (best is None or m < best[0]):
+                        best = (m, "swap", i, j, g)
+        if best is None:
+            break
+        _, kind, i, j, g = best
+        out[i] = g
+        dev_load[hi] -= load[i]; dev_load[g] += load[i]  # noqa: E702
+        dev_bytes[hi] -= nbytes[i]; dev_bytes[g] += nbytes[i]  # noqa: E702
+        if kind == "swap":
+            out[j] = hi
+            dev_load[hi] += load[j]; dev_load[g] -= load[j]  # noqa: E702
+            dev_bytes[hi] += nbytes[j]; dev_bytes[g] -= nbytes[j]  # noqa: E702
+        else:
+            dev_count[hi] -= 1; dev_count[g] += 1  # noqa: E702
+    return out
+
+
 def place_slots(slot_load: torch.Tensor, slot_bytes: torch.Tensor, num_devices: int,
                 capacity_bytes: int | None = None) -> torch.Tensor:
     """Assign P slots to G devices, balancing load: ``slot_load [P]``, ``slot_bytes [P]`` -> ``[P]`` int64.
@@ -163,7 +206,8 @@ def place_slots(slot_load: torch.Tensor, slot_bytes: torch.Tensor, num_devices: 
     has room (ties: fewer slots, then lower device id). Room is ``capacity_bytes`` per device when
     given, else ``ceil(P / G)`` slots per device. If balancing first cannot fit the slots in the
     capacity, a memory-first pass (largest slot first, best fit) is tried before raising
-    ``RQError``.
+    ``RQError``. Either result is then refined by local search (moves and swaps off the busiest
+    device that lower its load within the limits), so a memory-first fallback is balanced too.
     """
     load = slot_load.double().cpu().tolist()
     nbytes = [int(b) for b in torch.as_tensor(slot_bytes, dtype=torch.int64).cpu().tolist()]
@@ -175,6 +219,8 @@ def place_slots(slot_load: torch.Tensor, slot_bytes: torch.Tensor, num_devices: 
     if out is None:
         by_bytes = sorted(range(P), key=lambda i: (-nbytes[i], -load[i], i))
         out = _greedy_place(by_bytes, load, nbytes, G, max_count, capacity_bytes, best_fit=True)
+    if out is not None:
+        out = _refine(out, load, nbytes, G, max_count, capacity_bytes)
     if out is None:
         raise RQError(f"cannot place {P} slots ({sum(nbytes)} bytes) on {G} devices of {capacity_bytes} bytes each",
                       hint="add devices, raise the capacity, or plan with a smaller budget")

@@ -24,6 +24,12 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:  # disk full, permissions, a path under a file ...
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            click.echo(f"error: {e.strerror or e}{where}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was left half-written", err=True)
             sys.exit(130)
@@ -70,6 +76,9 @@ def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schem
     from .report_text import profile_table
 
     scheme_list = [get_scheme(s.strip()).name for s in schemes.split(",") if s.strip()]
+    out_dir = Path(out).parent
+    if not out_dir.is_dir():
+        raise RQError(f"--out {out}: directory {str(out_dir)!r} does not exist")
     profile = run(model, dataset, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
                   schemes=scheme_list, quant_error=not no_quant_error, progress=not as_json)
     profile.save(out)

@@ -38,10 +38,18 @@ def bundled_sets() -> list[str]:
     return sorted(p.stem for p in defaults.calibration_sets_dir().glob("*.jsonl"))
 
 
+def _bundled_names() -> str:
+    return ", ".join(bundled_sets()) or "none installed"
+
+
 def _texts_from_jsonl(path: Path) -> list[str]:
     texts = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:  # decoded line by line, so an encoding error names its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RQError(f"{path}:{n}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
@@ -79,7 +87,7 @@ def load_texts(spec: str) -> tuple[str, list[str]]:
         return spec, _texts_from_jsonl(bundled)
     if path.suffix in (".jsonl", ".json", ".txt", ".md", ".parquet") or path.exists():
         if not path.is_file():
-            raise RQError(f"calibration data {spec!r} not found (no such file; bundled sets: {', '.join(bundled_sets())})")
+            raise RQError(f"calibration data {spec!r} not found (no such file; bundled sets: {_bundled_names()})")
         if path.suffix in (".jsonl", ".json"):
             return path.name, _texts_from_jsonl(path)
         if path.suffix == ".parquet":
@@ -102,7 +110,7 @@ def load_texts(spec: str) -> tuple[str, list[str]]:
     try:
         ds = datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as e:
-        raise RQError(f"cannot load dataset {spec!r} ({type(e).__name__}); bundled sets: {', '.join(bundled_sets())}, "
+        raise RQError(f"cannot load dataset {spec!r} ({type(e).__name__}); bundled sets: {_bundled_names()}, "
                       "or pass a local .jsonl/.txt/.parquet file") from None
     return spec, _texts_from_dataset(ds, spec)
 
@@ -124,7 +132,7 @@ def pack(texts: list[str], tokenizer, *, num_samples: int, seq_len: int, seed: i
     need = num_samples * seq_len
     ids: list[int] = []
     for i in order:
-        ids.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(texts[i], add_special_tokens=False, verbose=False)["input_ids"])
         if sep is not None:
             ids.append(sep)
         if len(ids) >= need:

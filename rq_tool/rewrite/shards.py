@@ -1,7 +1,8 @@
-"""Output side of the streaming rewrite: bounded shard buffers, index, manifest, atomic publish."""
+"""Output side of the streaming rewrite: streamed safetensors shards, index, manifest, atomic publish."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -9,40 +10,84 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .. import __version__, defaults
 from ..errors import RQError
 
 INDEX_FILE = "model.safetensors.index.json"
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_METADATA = '"__metadata__":{"format":"pt"}'
+
 
 class ShardWriter:
-    """Buffers tensors and writes a safetensors shard whenever ``max_bytes`` would be exceeded."""
+    """Streams tensors into safetensors shards of at most ``max_bytes`` of tensor data each.
 
-    def __init__(self, directory: Path, max_bytes: int = defaults.SHARD_BYTES):
+    A tensor is written to disk as soon as it is added, so memory holds one tensor, not one shard
+    (``safetensors.save_file`` would hold the shard twice: the tensors and their serialized bytes).
+    The JSON header is known only at the end, so each shard starts with ``header_bytes`` reserved
+    for it and the header is padded there with spaces, as the safetensors format allows. A shard is
+    closed early when the next entry would not fit the header or would start misaligned for its
+    dtype (the data section starts 8-byte aligned, as in safetensors' own files).
+    """
+
+    def __init__(self, directory: Path, max_bytes: int = defaults.SHARD_BYTES, header_bytes: int | None = None):
         self.dir = directory
         self.max_bytes = max_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffer_bytes = 0
+        # ~130 bytes per entry: 4 KiB (tiny shards) .. 1 MiB (2 GiB shards, ~8000 tensors); a multiple of 8
+        self.header_bytes = header_bytes or min(1 << 20, max(4096, max_bytes // 2048 * 8))
         self.parts: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
+        self._file = None
+        self._entries: list[str] = []
+        self._keys: list[str] = []
+        self._offset = 0
+        self._header_len = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffer_bytes + nbytes > self.max_bytes:
-            self.flush()
-        self.buffer[key] = tensor.contiguous()
-        self.buffer_bytes += nbytes
+        t = tensor.detach().contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise RQError(f"cannot store tensor {key!r} of dtype {t.dtype} in safetensors")
+        nbytes = t.numel() * t.element_size()
+        if self._file is not None:
+            entry = self._entry(key, t, nbytes)
+            if (self._offset + nbytes > self.max_bytes or self._offset % t.element_size()
+                    or self._header_len + len(entry) + 1 > self.header_bytes):
+                self.flush()
+        if self._file is None:
+            part = self.dir / f".part-{len(self.parts):05d}.safetensors"
+            self._file = part.open("wb")
+            self._file.seek(8 + self.header_bytes)
+            self.parts.append((part, self._keys))
+            self._header_len = len(_METADATA) + 2
+        entry = self._entry(key, t, nbytes)
+        if self._header_len + len(entry) + 1 > self.header_bytes:
+            raise RQError(f"tensor name {key[:80]!r}... is too long for a {self.header_bytes}-byte safetensors header")
+        if nbytes:
+            self._file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._entries.append(entry)
+        self._keys.append(key)
+        self._header_len += len(entry) + 1
+        self._offset += nbytes
         self.total_bytes += nbytes
 
+    def _entry(self, key: str, t: torch.Tensor, nbytes: int) -> str:
+        meta = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                "data_offsets": [self._offset, self._offset + nbytes]}
+        return f"{json.dumps(key)}:{json.dumps(meta, separators=(',', ':'))}"
+
     def flush(self) -> None:
-        if not self.buffer:
+        """Write the current shard's header and close it."""
+        if self._file is None:
             return
-        part = self.dir / f".part-{len(self.parts):05d}.safetensors"
-        save_file(self.buffer, str(part), metadata={"format": "pt"})
-        self.parts.append((part, sorted(self.buffer)))
-        self.buffer, self.buffer_bytes = {}, 0
+        header = ("{" + ",".join([_METADATA, *self._entries]) + "}").encode()
+        assert len(header) <= self.header_bytes, (len(header), self.header_bytes)
+        self._file.seek(0)
+        self._file.write(self.header_bytes.to_bytes(8, "little") + header.ljust(self.header_bytes, b" "))
+        self._file.close()
+        self._file, self._entries, self._keys, self._offset = None, [], [], 0
 
     def finish(self) -> dict[str, str]:
         """Name the shards ``model-0000i-of-0000n.safetensors``, write the index; returns weight_map."""
@@ -90,26 +135,43 @@ _TMP_TAG = ".rq-tmp-"
 
 def temp_dir_for(out: Path) -> Path:
     """A fresh temporary directory beside ``out`` (same filesystem, so the final rename is atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        raise RQError(f"cannot create the output beside {out} ({e.strerror or e}{where})") from None
     return tmp
 
 
-def clean_stale_temporaries(out: Path) -> list[Path]:
-    """Remove temporaries of earlier interrupted rewrites of ``out`` whose process is gone."""
-    removed = []
-    for p in out.parent.glob(f".{out.name}{_TMP_TAG}*"):
+def clean_stale_temporaries(out: Path) -> list[str]:
+    """Tidy up after earlier rewrites of ``out`` whose process is gone (killed, crashed, power loss).
+
+    Their temporary directories are removed. A backup of the previous output left by a ``--force``
+    rewrite killed between its two renames (see ``publish``) is moved back to ``out`` if ``out``
+    is missing -- otherwise removed. Returns one line per action, for the user.
+    """
+    notes = []
+    stem = f".{out.name}{_TMP_TAG}"
+    for p in sorted(out.parent.glob(glob.escape(stem) + "*")):
+        tail = p.name[len(stem):]
+        backup = tail.startswith("old-")
         try:
-            pid = int(p.name.rsplit("-", 1)[1])
+            pid = int(tail[4:] if backup else tail)
         except ValueError:
             continue
-        if pid != os.getpid() and not _alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
+        if pid == os.getpid() or _alive(pid):
+            continue
+        if backup and not (out.exists() or out.is_symlink()):
+            p.rename(out)
+            notes.append(f"restored {out} from {p.name}, left by an interrupted --force rewrite")
+        else:
+            _remove(p)
+            notes.append(f"removed stale temporary {p}")
+    return notes
 
 
 def _alive(pid: int) -> bool:
@@ -122,14 +184,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
 def publish(tmp: Path, out: Path, force: bool) -> None:
-    """Move a complete ``tmp`` into place as ``out``; an existing ``out`` needs ``force``."""
+    """Move a complete ``tmp`` into place as ``out``; an existing ``out`` needs ``force``.
+
+    Replacing takes two renames (``out`` -> backup, ``tmp`` -> ``out``); an exception between
+    them puts the backup back, and a SIGKILL between them leaves the backup for the next run's
+    ``clean_stale_temporaries`` to restore. Either way the previous output is never lost.
+    """
     if out.exists() or out.is_symlink():
         if not force:
             raise RQError(f"output {out} already exists (use --force to replace it)")
         old = out.parent / f".{out.name}{_TMP_TAG}old-{os.getpid()}"
         out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        try:
+            tmp.rename(out)
+        except BaseException:
+            old.rename(out)
+            raise
+        _remove(old)
     else:
         tmp.rename(out)

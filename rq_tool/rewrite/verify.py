@@ -69,11 +69,7 @@ def _check_slot_tensors(ckpt: SafetensorsCheckpoint, rmap: RoutingMap, config: d
             problems.append(f"layer {lm.layer}: no slot tensors stored")
             continue
         prefix = next(iter(keys)).rsplit(".experts.", 1)[0] + ".experts."
-        first = f"{prefix}{lm.slot_scheme[0]}_down"
-        inter = keys[first].shape[-1] if first in keys and len(keys[first].shape) == 3 else None
-        if inter is None:
-            gu = keys.get(f"{prefix}{lm.slot_scheme[0]}_gate_up")
-            inter = (gu.shape[1] // 2) if gu is not None and len(gu.shape) == 3 else 0
+        inter = _intermediate_size(keys, prefix, dict.fromkeys(lm.slot_scheme), H)
         expected = {}
         for scheme in dict.fromkeys(lm.slot_scheme):
             n = sum(1 for s in lm.slot_scheme if s == scheme)
@@ -90,3 +86,19 @@ def _check_slot_tensors(ckpt: SafetensorsCheckpoint, rmap: RoutingMap, config: d
         for k in sorted(set(keys) - set(expected)):
             problems.append(f"layer {lm.layer}: unexpected tensor {k}")
     return problems
+
+
+def _intermediate_size(keys: dict, prefix: str, schemes, hidden: int) -> int:
+    """The experts' intermediate size, read from the first stored group that shows it (0 if none).
+
+    Float and int8 groups store ``down [n, H, I]``; nf4 stores ``gate_up`` packed as ``[n, I * H]``
+    (2I x H 4-bit values, two per byte) -- so a layer whose slot 0 is nf4 is read correctly too.
+    """
+    for scheme in schemes:
+        down = keys.get(f"{prefix}{scheme}_down")
+        if down is not None and len(down.shape) == 3:
+            return int(down.shape[-1])
+        gate_up = keys.get(f"{prefix}{scheme}_gate_up")
+        if scheme == "nf4" and gate_up is not None and len(gate_up.shape) == 2 and hidden:
+            return int(gate_up.shape[1]) // hidden
+    return 0

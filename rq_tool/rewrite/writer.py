@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,9 @@ def rewrite(
     profile.check_matches(config, where="profile")
     if out is not None and not dry_run:
         out = Path(out)
+        # first, so that a backup left by a killed --force rewrite is back in place before the checks
+        for note in clean_stale_temporaries(out):
+            tqdm.write(f"rq: {note}", file=sys.stderr)
         if (out.exists() or out.is_symlink()) and not force:
             raise RQError(f"output {out} already exists (use --force to replace it)")
         if out.resolve() == src.resolve():
@@ -89,14 +93,16 @@ def rewrite(
     if dry_run or out is None:
         return RewriteResult(plan, rmap, None, layout)
 
-    for stale in clean_stale_temporaries(out):
-        tqdm.write(f"removed stale temporary {stale}") if progress else None
     tmp = temp_dir_for(out)
     try:
         _stream(ckpt, family, layout, rmap, tmp, shard_bytes, progress)
         _write_metadata(src, tmp, config_dict, rmap, profile, plan, config)
         write_manifest(tmp)
         publish(tmp, out, force)
+    except OSError as e:  # disk full, permissions, ...: one line, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = f": {e.filename}" if e.filename else ""
+        raise RQError(f"writing {out} failed ({e.strerror or e}{where}); nothing was published") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

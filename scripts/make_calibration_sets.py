@@ -12,22 +12,28 @@ bundled tiny MoE (rq_tool/corpus.py):
 * ``prose`` -- calibration_sets/sources/prose.txt, paragraphs written for rq, grouped in threes;
 * ``docs``  -- calibration_sets/sources/docs.txt, man-page-style entries written for rq
   (separated by ``----`` lines), one per document;
-* ``mix``   -- every 2nd code chunk and all of math, prose and docs, interleaved round-robin
-  (code, math, prose, docs, code, ...); rq's default calibration set.
+* ``mix``   -- rq's default calibration set: about EQUAL numbers of tokens from each of the four
+  domains (counted with the tiny MoE's tokenizer, ``--tokenizer``). The smallest domain goes in
+  whole; each larger one is down-sampled to the same token count by taking its documents in a
+  seeded random order (MIX_SEED), skipping any document that would move its total further from
+  the target. The chosen documents keep their original order within a domain and are
+  interleaved by token position, so every stretch of the file holds all four domains in equal
+  parts. The per-domain files always hold every document.
 
-Output is deterministic for a given tree (the ``code`` set changes when rq's source does).
+Output is deterministic for a given tree and tokenizer (the ``code`` set changes when rq's
+source does).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import sys
-from itertools import zip_longest
 from pathlib import Path
 
-from rq_tool import corpus
+from rq_tool import corpus, defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "calibration_sets"
@@ -36,7 +42,9 @@ CALIBRATION_MATH_SEED = 20_260_000  # != corpus.MATH_SEED: no worksheet overlaps
 MATH_DOCS = 110
 CODE_CHUNK_CHARS = 1000  # a chunk closes at the first top-level boundary past this size
 PROSE_GROUP = 3  # paragraphs per prose document
-MIX_CODE_EVERY = 2  # mix takes every 2nd code chunk: rq's source alone would be over half the tokens
+DOMAINS = ("code", "math", "prose", "docs")  # the tiny MoE's training domains, in mix order
+MIX_SEED = 0  # order in which a larger domain's documents are offered to the mix
+MIX_MIN_TOKENS = 2 * defaults.NUM_SAMPLES * defaults.SEQ_LEN  # room for other seeds' shuffles (tests check it)
 MAX_FILE_BYTES = 1_500_000
 
 
@@ -79,12 +87,65 @@ def math_documents() -> list[str]:
     return corpus.math_documents(seed=CALIBRATION_MATH_SEED, n_docs=MATH_DOCS)
 
 
-def build() -> dict[str, list[str]]:
+def load_tokenizer(path=None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path or defaults.default_model_path())
+
+
+def token_counts(tok, texts: list[str]) -> list[int]:
+    """Tokens per document, without special tokens (packing adds one EOS per document)."""
+    return [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+def sample_to_tokens(lens: list[int], target: int, seed: int) -> list[int]:
+    """Indices (ascending) of documents whose token total is as close to `target` as greedy gets.
+
+    Documents are offered in a seeded random order; one is taken when it brings the total
+    closer to the target, so small documents later in the order fill the last gap."""
+    order = list(range(len(lens)))
+    random.Random(seed).shuffle(order)
+    chosen, total = [], 0
+    for i in order:
+        if abs(total + lens[i] - target) < abs(total - target):
+            chosen.append(i)
+            total += lens[i]
+    return sorted(chosen)
+
+
+def interleave(parts: list[list[tuple[str, int]]]) -> list[tuple[str, int]]:
+    """Merge (text, tokens) lists so that each part's documents are spread over the whole
+    output: the next document comes from the part that has emitted the smallest fraction of its
+    tokens so far (ties: the earlier part)."""
+    totals = [sum(n for _, n in p) or 1 for p in parts]
+    pos, done, out = [0] * len(parts), [0] * len(parts), []
+    while True:
+        live = [k for k in range(len(parts)) if pos[k] < len(parts[k])]
+        if not live:
+            return out
+        k = min(live, key=lambda k: (done[k] / totals[k], k))
+        out.append(parts[k][pos[k]])
+        done[k] += parts[k][pos[k]][1]
+        pos[k] += 1
+
+
+def build(tok=None) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
+    """All five sets, and the token count of every document of every set."""
+    tok = tok if tok is not None else load_tokenizer()
     sets = {"code": code_documents(), "math": math_documents(), "prose": prose_documents(),
             "docs": docs_documents()}
-    parts = [sets["code"][::MIX_CODE_EVERY], sets["math"], sets["prose"], sets["docs"]]
-    sets["mix"] = [d for group in zip_longest(*parts) for d in group if d is not None]
-    return sets
+    lens = {name: token_counts(tok, sets[name]) for name in DOMAINS}
+    target = min(sum(lens[name]) for name in DOMAINS)  # the smallest domain goes in whole
+    parts = []
+    for k, name in enumerate(DOMAINS):
+        keep = sample_to_tokens(lens[name], target, seed=MIX_SEED + k)
+        parts.append([(sets[name][i], lens[name][i]) for i in keep])
+    mix = interleave(parts)
+    sets["mix"], lens["mix"] = [t for t, _ in mix], [n for _, n in mix]
+    if sum(lens["mix"]) < MIX_MIN_TOKENS:
+        raise SystemExit(f"mix: {sum(lens['mix'])} tokens, under {MIX_MIN_TOKENS} (twice the default "
+                         f"calibration batch); the smallest domain holds only {target}: write more of it")
+    return sets, lens
 
 
 def write_jsonl(path: Path, texts: list[str]) -> None:
@@ -98,27 +159,25 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=OUT, help="directory for the .jsonl files (default: %(default)s)")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer dir to report token counts with (default: the bundled tiny MoE's)")
+                   help="tokenizer dir to count tokens with, for balancing mix and for the report"
+                        " (default: the bundled tiny MoE's)")
     a = p.parse_args(argv)
-    sets = build()
+    sets, lens = build(load_tokenizer(a.tokenizer))
     a.out.mkdir(parents=True, exist_ok=True)
     for name, texts in sets.items():
         write_jsonl(a.out / f"{name}.jsonl", texts)
-    try:
-        from transformers import AutoTokenizer
-
-        from rq_tool import defaults
-
-        tok = AutoTokenizer.from_pretrained(a.tokenizer or defaults.default_model_path())
-    except Exception as e:  # the sets are written either way; token counts are a report only
-        print(f"(no token counts: {type(e).__name__}: {e})")
-        tok = None
     for name, texts in sets.items():
-        line = f"{name:6s} {len(texts):4d} docs {sum(map(len, texts)):8d} chars"
-        if tok is not None:
-            lens = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
-            line += f" {sum(lens):7d} tokens (min {min(lens)}, median {sorted(lens)[len(lens) // 2]})"
-        print(line)
+        n = lens[name]
+        print(f"{name:6s} {len(texts):4d} docs {sum(map(len, texts)):8d} chars {sum(n):7d} tokens"
+              f" (min {min(n)}, median {sorted(n)[len(n) // 2]})")
+    mix = set(sets["mix"])
+    mix_total = sum(lens["mix"])
+    shares = []
+    for name in DOMAINS:
+        in_mix = [n for t, n in zip(sets[name], lens[name]) if t in mix]
+        shares.append(f"{name} {sum(in_mix)} ({100 * sum(in_mix) / mix_total:.1f}%,"
+                      f" {len(in_mix)}/{len(sets[name])} docs)")
+    print("mix tokens by domain: " + ", ".join(shares))
     return 0
 
 

@@ -68,8 +68,12 @@ def main(ctx, debug):
               help=f"Quantization schemes to measure quant_error for (known: {', '.join(SCHEMES)}).")
 @click.option("--no-quant-error", is_flag=True, help="Skip the quant_error pass (faster; rewrite then needs "
               "--importance frequency).")
+@click.option("--max-memory", default=None, help="Keep at most this much of the weights in RAM (e.g. 8GB) and "
+              "offload the rest to disk, loading layers as the forward reaches them (slower; for models "
+              "larger than memory; needs accelerate).")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON instead of a table.")
-def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schemes, no_quant_error, as_json):
+def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schemes, no_quant_error, max_memory,
+              as_json):
     """Profile expert load and importance of MODEL (default: the bundled tiny MoE)."""
     from .calibrate import calibrate as run
     from .quant import get_scheme
@@ -80,7 +84,7 @@ def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schem
     if not out_dir.is_dir():
         raise RQError(f"--out {out}: directory {str(out_dir)!r} does not exist")
     profile = run(model, dataset, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                  schemes=scheme_list, quant_error=not no_quant_error, progress=not as_json)
+                  schemes=scheme_list, quant_error=not no_quant_error, progress=not as_json, max_memory=max_memory)
     profile.save(out)
     if as_json:
         click.echo(json.dumps(profile.to_dict()))

@@ -60,15 +60,28 @@ def open_family(path: Path) -> tuple[object, MoEFamily]:
     return config, get_family(config)
 
 
-def load_model(path: Path, dtype="auto"):
-    """A source CausalLM on CPU in eval mode (safetensors only)."""
+def load_model(path: Path, dtype="auto", max_memory: str | None = None, offload_folder: str | None = None):
+    """A source CausalLM on CPU in eval mode (safetensors only).
+
+    ``max_memory`` (e.g. ``"2GB"``): keep at most that much of the weights in RAM and offload the
+    rest to ``offload_folder`` on disk (accelerate's big-model support); layers are loaded for
+    their forward and dropped after, so a model larger than memory can be calibrated.
+    """
     from transformers import AutoModelForCausalLM
 
     config, family = open_family(path)
+    kwargs = {}
+    if max_memory is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise RQError("--max-memory needs the accelerate package (pip install 'rq-tool[offload]')") from None
+        kwargs = {"device_map": "auto", "max_memory": {"cpu": max_memory}, "offload_folder": offload_folder}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True,
+                                                         **kwargs)
     except RQError:
         raise
     except Exception as e:

@@ -66,7 +66,7 @@ class ExpertRecorder:
         self.blocks = family.moe_blocks(model)
         self.stats: list[LayerStats] = []
         self.batch_size = 1  # sequences in the current forward; set by the runner
-        self._patched: list[nn.Module] = []
+        self._patched: list[tuple[nn.Module, str, object]] = []  # (module, attribute, original or None)
         self._hooks = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -74,14 +74,21 @@ class ExpertRecorder:
         try:
             for layer, block in self.blocks:
                 experts = block.experts
-                weights = {k: v.detach() for k, v in self.family.canonical_experts(experts).items()}
-                E = weights["gate_up"].shape[0]
-                st = LayerStats(layer, E, self.schemes)
+                st = LayerStats(layer, self._num_experts(experts), self.schemes)
                 st.has_shared = bool(self.family.shared_modules(block))
                 self.stats.append(st)
-                quantized = self._quantized_weights(weights) if self.schemes else {}
-                experts.forward = types.MethodType(self._make_forward(st, weights, quantized), experts)
-                self._patched.append(experts)
+                # accelerate's big-model offload (device_map with disk/cpu offload) wraps forward
+                # in a hook that materialises the weights for the call: patch the inner forward
+                # and read the weights at call time instead of caching them.
+                offloaded = hasattr(experts, "_hf_hook") and hasattr(experts, "_old_forward")
+                weights = self._weights_fn(experts, cache=not offloaded)
+                fwd = types.MethodType(self._make_forward(st, weights), experts)
+                if offloaded:
+                    self._patched.append((experts, "_old_forward", experts._old_forward))
+                    experts._old_forward = fwd
+                else:
+                    self._patched.append((experts, "forward", None))
+                    experts.forward = fwd
                 for shared in self.family.shared_modules(block):
                     self._hooks.append(shared.register_forward_hook(self._make_shared_hook(st)))
         except BaseException:
@@ -90,12 +97,33 @@ class ExpertRecorder:
         return self
 
     def __exit__(self, *exc) -> None:
-        for experts in self._patched:
-            experts.__dict__.pop("forward", None)
+        for experts, attr, original in self._patched:
+            if original is None:
+                experts.__dict__.pop(attr, None)
+            else:
+                setattr(experts, attr, original)
         for h in self._hooks:
             h.remove()
         self._patched.clear()
         self._hooks.clear()
+
+    def _num_experts(self, experts) -> int:
+        return int(self.family.canonical_experts(experts)["gate_up"].shape[0])
+
+    def _weights_fn(self, experts, cache: bool):
+        """``module -> (weights, quantized, f32)``: canonical weights (contiguous), their
+        quantize/dequantize round trips per scheme and fp32 copies (the latter two only when
+        measuring quant_error); cached for in-memory models, rebuilt per call when offloaded."""
+        def build(module):
+            weights = {k: v.detach().contiguous() for k, v in self.family.canonical_experts(module).items()}
+            quantized = self._quantized_weights(weights) if self.schemes else {}
+            f32 = {k: v.float() for k, v in weights.items()} if quantized else {}
+            return weights, quantized, f32
+
+        if not cache:
+            return build
+        built = build(experts)
+        return lambda module: built
 
     # ------------------------------------------------------------------ internals
     def _quantized_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -109,14 +137,13 @@ class ExpertRecorder:
             }
         return out
 
-    def _make_forward(self, st: LayerStats, weights, quantized):
+    def _make_forward(self, st: LayerStats, weights_fn):
         act = self.act
         recorder = self
-        bias_up, bias_down = weights.get("gate_up_bias"), weights.get("down_bias")
-        weights = {k: v.contiguous() for k, v in weights.items()}
-        f32 = {k: v.float() for k, v in weights.items()} if quantized else {}
 
         def forward(module, hidden_states, top_k_index, top_k_weights):
+            weights, quantized, f32 = weights_fn(module)
+            bias_up, bias_down = weights.get("gate_up_bias"), weights.get("down_bias")
             T, K = top_k_index.shape
             E = st.num_experts
             flat = top_k_index.reshape(-1)

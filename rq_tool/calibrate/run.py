@@ -29,10 +29,28 @@ def calibrate(
     quant_error: bool = True,
     lis_batch_sizes=defaults.LIS_BATCH_SIZES,
     progress: bool = True,
+    max_memory: str | None = None,
 ) -> Profile:
-    """Profile expert load and importance of an MoE model (``None`` = the bundled tiny MoE)."""
+    """Profile expert load and importance of an MoE model (``None`` = the bundled tiny MoE).
+
+    ``max_memory`` (e.g. ``"8GB"``): calibrate a model larger than RAM by offloading the weights
+    that do not fit to a temporary folder on disk (loaded layer by layer during the forward).
+    """
     path = resolve_model_path(model)
-    hf_model, family = load_model(path)
+    if max_memory is None:
+        return _calibrate(path, load_model(path), dataset, num_samples, seq_len, batch_size, seed, schemes,
+                          quant_error, lis_batch_sizes, progress)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="rq-offload-") as offload:
+        loaded = load_model(path, max_memory=max_memory, offload_folder=offload)
+        return _calibrate(path, loaded, dataset, num_samples, seq_len, batch_size, seed, schemes, quant_error,
+                          lis_batch_sizes, progress)
+
+
+def _calibrate(path, loaded, dataset, num_samples, seq_len, batch_size, seed, schemes, quant_error, lis_batch_sizes,
+               progress) -> Profile:
+    hf_model, family = loaded
     tokenizer = load_tokenizer(path)
     max_pos = getattr(hf_model.config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:

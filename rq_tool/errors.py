@@ -19,3 +19,17 @@ class RQError(Exception):
     def __str__(self) -> str:  # one line, always
         msg = " ".join(str(self.args[0]).split())
         return f"{msg} ({self.hint})" if self.hint else msg
+
+
+def read_json(path, missing: str) -> dict | list:
+    """Parse a JSON file; ``missing`` is the one-line message when the file is absent."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise RQError(missing)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RQError(f"{path}: not valid JSON ({e})") from None

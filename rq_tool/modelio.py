@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 from . import defaults
 from .arch import MoEFamily, get_family
-from .errors import RQError
+from .errors import RQError, read_json
 
 
 def resolve_model_path(spec: str | Path | None) -> Path:
@@ -31,10 +30,7 @@ def resolve_model_path(spec: str | Path | None) -> Path:
 
 
 def read_config_dict(path: Path) -> dict:
-    try:
-        d = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RQError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    d = read_json(path / "config.json", f"{path} is not a model directory (no config.json)")
     if not isinstance(d, dict) or "model_type" not in d:
         raise RQError(f"{path / 'config.json'}: no model_type")
     return d

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__, defaults
-from ..errors import RQError
+from ..errors import RQError, read_json
 from ..lis import lis
 
 _FORMAT, _VERSION = defaults.PROFILE_FORMAT
@@ -153,13 +153,7 @@ class Profile:
 
     @classmethod
     def load(cls, path) -> "Profile":
-        path = Path(path)
-        if not path.is_file():
-            raise RQError(f"profile {str(path)!r} not found")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RQError(f"{path}: not valid JSON ({e})") from None
+        d = read_json(path, f"profile {str(path)!r} not found")
         return cls.from_dict(d, where=str(path))
 
     def check_matches(self, config, where: str = "profile") -> None:

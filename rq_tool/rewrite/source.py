@@ -66,7 +66,7 @@ class SafetensorsCheckpoint:
             if key == "__metadata__":
                 continue
             try:
-                shape, dtype, (begin, stop) = tuple(meta["shape"]), meta["dtype"], meta["data_offsets"]
+                shape, dtype, (_, stop) = tuple(meta["shape"]), meta["dtype"], meta["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise RQError(f"{shard}: corrupt safetensors header entry {key!r}") from None
             end = max(end, stop)

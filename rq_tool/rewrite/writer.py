@@ -13,13 +13,11 @@ Order of work (nothing is written before every check passed):
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 

@@ -22,7 +22,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .. import __version__, defaults
 from ..arch import get_family
-from ..errors import RQError
+from ..errors import RQError, read_json
 from .experts import RQExperts
 from .routing_map import RoutingMap
 
@@ -38,13 +38,8 @@ _NOT_BASE_KEYS = ("model_type", "auto_map", "architectures")
 def read_rq_config(path: Path) -> dict:
     path = Path(path)
     cfg = path / "config.json"
-    if not cfg.is_file():
-        raise RQError(f"{path} is not a model directory (no config.json)")
-    try:
-        d = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RQError(f"{cfg}: not valid JSON ({e})") from None
-    rq = d.get("rq")
+    d = read_json(cfg, f"{path} is not a model directory (no config.json)")
+    rq = d.get("rq") if isinstance(d, dict) else None
     if not isinstance(rq, dict):
         raise RQError(f"{path} is not an rq-rewritten model (config.json has no 'rq' section)")
     if (rq.get("format"), rq.get("version")) != defaults.RQ_CONFIG_FORMAT:

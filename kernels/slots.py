@@ -38,6 +38,21 @@ def scheme_kind(name: str) -> str:
     return name
 
 
+def group_shapes(scheme: str, n: int, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
+    """Stored tensors of one scheme group of ``n`` slots: name -> shape (slot format v1)."""
+    kind = scheme_kind(scheme)
+    if kind == "nf4":
+        if (2 * inter * hidden) % NF4_BLOCKSIZE or (hidden * inter) % NF4_BLOCKSIZE:
+            raise RQError(f"nf4 slots need 2I*H and H*I divisible by {NF4_BLOCKSIZE} (H={hidden}, I={inter})")
+        return {"gate_up": (n, inter * hidden), "down": (n, hidden * inter // 2),
+                "gate_up_absmax": (n, 2 * inter * hidden // NF4_BLOCKSIZE),
+                "down_absmax": (n, hidden * inter // NF4_BLOCKSIZE)}
+    shapes = {"gate_up": (n, 2 * inter, hidden), "down": (n, hidden, inter)}
+    if kind == "int8":
+        shapes.update(gate_up_scale=(n, 2 * inter), down_scale=(n, hidden))
+    return shapes
+
+
 @dataclass(frozen=True)
 class SlotWeights:
     """Physical slots of one MoE layer (see module docstring for the group tensors).
@@ -67,16 +82,7 @@ class SlotWeights:
         assert self.slot_scheme.shape == self.slot_index.shape == (P,)
         activation_fn(self.act)  # raises RQError on an unknown spec
         for name, g in zip(self.schemes, self.groups):
-            kind, n = scheme_kind(name), g["gate_up"].shape[0]
-            if kind == "nf4":
-                if (2 * I * H) % NF4_BLOCKSIZE or (H * I) % NF4_BLOCKSIZE:
-                    raise RQError(f"nf4 slots need 2I*H and H*I divisible by {NF4_BLOCKSIZE} (H={H}, I={I})")
-                shapes = {"gate_up": (n, I * H), "down": (n, H * I // 2),
-                          "gate_up_absmax": (n, 2 * I * H // NF4_BLOCKSIZE), "down_absmax": (n, H * I // NF4_BLOCKSIZE)}
-            else:
-                shapes = {"gate_up": (n, 2 * I, H), "down": (n, H, I)}
-                if kind == "int8":
-                    shapes.update(gate_up_scale=(n, 2 * I), down_scale=(n, H))
+            shapes = group_shapes(name, g["gate_up"].shape[0], H, I)
             for key, shape in shapes.items():
                 got = tuple(g[key].shape) if key in g else None
                 assert got == shape, f"scheme {name}: {key} should be {shape}, got {got}"

@@ -25,24 +25,8 @@ import torch
 from torch import nn
 
 from ..kernels import SlotWeights, moe_experts, replica_dispatch
-from ..quant import NF4_BLOCKSIZE, get_scheme
+from ..kernels.slots import group_shapes as slot_tensor_shapes
 from .routing_map import LayerMap
-
-_EXTRA = {"int8": "scale", "nf4": "absmax"}
-
-
-def slot_tensor_shapes(scheme: str, n: int, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
-    """Names (without the scheme prefix) and shapes of one scheme group's stored tensors."""
-    if get_scheme(scheme).is_float or scheme == "int8":
-        shapes = {"gate_up": (n, 2 * inter, hidden), "down": (n, hidden, inter)}
-        if scheme == "int8":
-            shapes.update(gate_up_scale=(n, 2 * inter), down_scale=(n, hidden))
-        return shapes
-    if scheme == "nf4":
-        return {"gate_up": (n, inter * hidden), "down": (n, hidden * inter // 2),
-                "gate_up_absmax": (n, 2 * inter * hidden // NF4_BLOCKSIZE), "down_absmax": (n, hidden * inter // NF4_BLOCKSIZE)}
-    raise ValueError(f"no slot layout for scheme {scheme!r}")
-
 
 def slot_tensor_dtype(scheme: str, name: str, compute_dtype: torch.dtype) -> torch.dtype:
     if name.endswith(("_scale", "_absmax")):

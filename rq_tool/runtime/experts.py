@@ -74,6 +74,15 @@ class RQExperts(nn.Module):
             self.gate_up_bias = self.down_bias = None
 
     def slot_weights(self) -> SlotWeights:
+        """The layer's slots as the kernels' view; rebuilt only when the tensors moved or changed."""
+        key = tuple((t.data_ptr(), t.device) for t in self.parameters()) + (self.slot_scheme.data_ptr(),)
+        cached = self.__dict__.get("_slot_weights")
+        if cached is None or cached[0] != key:
+            cached = (key, self._build_slot_weights())
+            self.__dict__["_slot_weights"] = cached
+        return cached[1]
+
+    def _build_slot_weights(self) -> SlotWeights:
         groups = []
         for scheme in self.schemes:
             names = slot_tensor_shapes(scheme, 0, self.hidden_size, self.intermediate_size)

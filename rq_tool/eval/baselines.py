@@ -51,6 +51,8 @@ BASELINES: dict[str, Baseline] = {b.name: b for b in (
              lambda layout: {"strategy": "paper"}),
     Baseline("greedy", "rq default: greedy replicate + quantize by measured damage", "rewrite",
              lambda layout: {"strategy": "greedy"}),
+    Baseline("greedy-ep8", "rq greedy with --ep-devices 8: slots also pack into 8 original device shares", "rewrite",
+             lambda layout: {"strategy": "greedy", "ep_devices": 8}),
     Baseline("replicate-only", "full-precision replicas, no quantization (memory grows)", "rewrite",
              lambda layout: {"strategy": "replicate-only"}),
     Baseline("uniform-int8", "every expert int8, no replicas (freed memory unused)", "rewrite", _uniform_int8),

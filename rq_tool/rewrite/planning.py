@@ -53,12 +53,18 @@ def plan_inputs(profile: Profile, layout: ExpertLayout, schemes, importance: str
 
 
 def build_plan(profile: Profile, layout: ExpertLayout, *, budget, global_budget: bool, strategy: str, schemes,
-               importance: str = "quant_error", max_error: float | None = None, **option_overrides):
+               importance: str = "quant_error", max_error: float | None = None, ep_devices: int | None = None,
+               **option_overrides):
     from ..plan import PlanOptions, make_plan, resolve_budget
 
     load, error, names, scheme_bytes = plan_inputs(profile, layout, schemes, importance)
     layer_bytes = torch.full((load.shape[0],), layout.num_experts * int(scheme_bytes[0]), dtype=torch.int64)
     budget_bytes = resolve_budget(budget, layer_bytes, global_budget)
     options = PlanOptions(strategy=strategy, max_error=max_error, error_weight=importance, **option_overrides)
-    return make_plan(load, error, names, scheme_bytes, budget_bytes, options, global_budget=global_budget,
+    plan = make_plan(load, error, names, scheme_bytes, budget_bytes, options, global_budget=global_budget,
                      layer_ids=list(layout.layers))
+    if ep_devices:
+        from ..plan.fit import fit_devices
+
+        plan = fit_devices(plan, load, error, ep_devices)
+    return plan

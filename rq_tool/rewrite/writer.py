@@ -59,6 +59,7 @@ def rewrite(
     schemes=QUANT_SCHEMES,
     importance: str = "quant_error",
     max_error: float | None = None,
+    ep_devices: int | None = None,
     force: bool = False,
     dry_run: bool = False,
     progress: bool = True,
@@ -86,7 +87,7 @@ def rewrite(
     ckpt = SafetensorsCheckpoint(src)
     layout = read_layout(ckpt, family)
     plan = build_plan(profile, layout, budget=budget, global_budget=global_budget, strategy=strategy,
-                      schemes=schemes, importance=importance, max_error=max_error)
+                      schemes=schemes, importance=importance, max_error=max_error, ep_devices=ep_devices)
     rmap = routing_map_from_plan(plan, layout, family.activation(config))
     if dry_run or out is None:
         return RewriteResult(plan, rmap, None, layout)

@@ -33,3 +33,12 @@ def read_json(path, missing: str) -> dict | list:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RQError(f"{path}: not valid JSON ({e})") from None
+
+
+def check_format(d, fmt: tuple[str, int], what: str, where: str) -> None:
+    """Raise RQError unless ``d`` is a JSON document of format ``fmt = (name, version)``."""
+    name, version = fmt
+    if not isinstance(d, dict) or d.get("format") != name:
+        raise RQError(f"{where}: not an rq {what} (format {d.get('format') if isinstance(d, dict) else None!r})")
+    if d.get("version") != version:
+        raise RQError(f"{where}: {what} version {d.get('version')} is not supported (expected {version})")

@@ -14,3 +14,31 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # pragma: no cover
     pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny shapes gain nothing from threads, and extra threads oversubscribe a shared CPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def rewritten_tiny(tmp_path_factory, request):
+    """A tiny Qwen3-MoE, its calibration texts, a profile (``p.json``) and a rewrite (``out``)."""
+    import rq_tool
+    from tiny_models import save_tiny, write_texts
+
+    root = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    src = save_tiny("qwen3_moe", root / "src")
+    write_texts(root / "t.jsonl", getattr(request.module, "N_TEXTS", 60))
+    rq_tool.calibrate(src, str(root / "t.jsonl"), num_samples=4, seq_len=32, progress=False).save(root / "p.json")
+    rq_tool.rewrite(src, root / "p.json", root / "out", progress=False)
+    return root

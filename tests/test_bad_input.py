@@ -17,22 +17,19 @@ import rq_tool
 from rq_tool.cli import main
 from rq_tool.errors import RQError
 from rq_tool.rewrite.shards import write_manifest
-from tiny_models import save_tiny, tiny_model, write_texts
+from tiny_models import save_tiny, tiny_model
 
 CAL = ("--num-samples", "4", "--seq-len", "32")
+N_TEXTS = 40  # calibration texts of the shared rewritten_tiny fixture
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad_input")
-    src = save_tiny("qwen3_moe", root / "src")
-    write_texts(root / "t.jsonl", 40)
-    rq_tool.calibrate(src, str(root / "t.jsonl"), num_samples=4, seq_len=32, progress=False).save(root / "p.json")
-    rq_tool.rewrite(src, root / "p.json", root / "out", progress=False)
+def base(rewritten_tiny):
+    root = rewritten_tiny
     # the same model saved in two shards (same seed and config, so p.json belongs to it too)
     tiny_model("qwen3_moe").save_pretrained(root / "sharded", max_shard_size="300KB")
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, root / "sharded" / name)
+        shutil.copy(root / "src" / name, root / "sharded" / name)
     assert len(list((root / "sharded").glob("*.safetensors"))) == 2
     return root
 

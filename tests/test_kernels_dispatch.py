@@ -21,13 +21,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FIELDS = ("phy_ids", "slot_counts", "sorted_ids", "block_slot")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes gain nothing from threads, and extra threads oversubscribe a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_routing(T: int, E: int, K: int, max_replicas: int = 4, seed: int = 0):

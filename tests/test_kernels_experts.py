@@ -33,13 +33,7 @@ BF16_TOL = dict(atol=3e-2, rtol=2e-2)
 TOL = {torch.float32: FP32_TOL, torch.bfloat16: BF16_TOL}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes gain nothing from threads, and extra threads oversubscribe a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MIXES = {
     "float": ("fp32",),

@@ -29,19 +29,14 @@ import rq_tool
 from rq_tool import defaults
 from rq_tool.cli import main
 from rq_tool.rewrite.shards import clean_stale_temporaries, publish, write_manifest
-from tiny_models import save_tiny, write_texts
+from tiny_models import save_tiny
 
 SEED = 0
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability")
-    src = save_tiny("qwen3_moe", root / "src")
-    write_texts(root / "t.jsonl", 60)
-    rq_tool.calibrate(src, str(root / "t.jsonl"), num_samples=4, seq_len=32, progress=False).save(root / "p.json")
-    rq_tool.rewrite(src, root / "p.json", root / "out", progress=False)
-    return root
+def tiny(rewritten_tiny):
+    return rewritten_tiny
 
 
 def manifest(out: Path) -> dict:

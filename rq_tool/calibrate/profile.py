@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__, defaults
-from ..errors import RQError, read_json
+from ..errors import RQError, check_format, read_json
 from ..lis import lis
 
 _FORMAT, _VERSION = defaults.PROFILE_FORMAT
@@ -109,10 +109,7 @@ class Profile:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "profile") -> "Profile":
-        if not isinstance(d, dict) or d.get("format") != _FORMAT:
-            raise RQError(f"{where}: not an rq profile (format {d.get('format') if isinstance(d, dict) else None!r})")
-        if d.get("version") != _VERSION:
-            raise RQError(f"{where}: profile version {d.get('version')} is not supported (expected {_VERSION})")
+        check_format(d, defaults.PROFILE_FORMAT, "profile", where)
         try:
             E = int(d["model"]["num_experts"])
             schemes = list(d["schemes"])

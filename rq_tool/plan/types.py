@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from .. import defaults
-from ..errors import RQError
+from ..errors import RQError, check_format
 from .predict import check_layer
 
 PLAN_FORMAT = ("rq-plan", 1)
@@ -224,11 +224,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "plan") -> "Plan":
-        name, version = PLAN_FORMAT
-        if not isinstance(d, dict) or d.get("format") != name:
-            raise RQError(f"{where}: not an rq plan (format {d.get('format') if isinstance(d, dict) else None!r})")
-        if d.get("version") != version:
-            raise RQError(f"{where}: plan version {d.get('version')} is not supported (expected {version})")
+        check_format(d, PLAN_FORMAT, "plan", where)
         try:
             plan = cls(
                 layers=tuple(LayerPlan.from_dict(row) for row in d["layers"]),

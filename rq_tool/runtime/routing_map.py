@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import defaults
-from ..errors import RQError
+from ..errors import RQError, check_format
 from ..quant import SCHEMES
 
 _FORMAT, _VERSION = defaults.ROUTING_MAP_FORMAT
@@ -73,10 +73,7 @@ class RoutingMap:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "routing map") -> "RoutingMap":
-        if not isinstance(d, dict) or d.get("format") != _FORMAT:
-            raise RQError(f"{where}: not an rq routing map")
-        if d.get("version") != _VERSION:
-            raise RQError(f"{where}: routing map version {d.get('version')} is not supported (expected {_VERSION})")
+        check_format(d, defaults.ROUTING_MAP_FORMAT, "routing map", where)
         if d.get("split_policy") != defaults.SPLIT_POLICY:
             raise RQError(f"{where}: unknown split policy {d.get('split_policy')!r}")
         try:

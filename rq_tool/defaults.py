@@ -11,7 +11,8 @@ from pathlib import Path
 
 # ---- file formats (name, version) -------------------------------------------------------
 PROFILE_FORMAT = ("rq-profile", 1)
-ROUTING_MAP_FORMAT = ("rq-routing-map", 1)
+ROUTING_MAP_FORMAT = ("rq-routing-map", 2)  # v2: optional device placement, load-aware split
+ROUTING_MAP_READABLE = (1,)  # older routing-map versions the runtime still reads
 MANIFEST_FORMAT = ("rq-manifest", 1)
 RQ_CONFIG_FORMAT = ("rq-config", 1)
 SLOT_FORMAT = ("rq-slots", 1)  # tensor layout of physical slots (see rq_tool/quant/schemes.py)
@@ -37,6 +38,9 @@ MAX_REPLICAS_PER_EXPERT = 8  # the original counts as one
 MAX_SLOTS_FACTOR = 3.0  # P <= 3 E physical slots per layer
 MIN_GAIN = 0.005  # a replica must lower predicted LIS by >= 0.5% of its value
 SPLIT_POLICY = "round-robin-by-occurrence"  # j-th occurrence of expert e -> replica j mod logcnt[e]
+# per step, water-fill each expert's pairs over its replicas' devices (rq_tool.kernels.split); needs a placement
+LOAD_AWARE_POLICY = "load-aware"
+SPLIT_POLICIES = (SPLIT_POLICY, LOAD_AWARE_POLICY)
 
 
 def default_model_path() -> Path:

@@ -35,10 +35,13 @@ def read_json(path, missing: str) -> dict | list:
         raise RQError(f"{path}: not valid JSON ({e})") from None
 
 
-def check_format(d, fmt: tuple[str, int], what: str, where: str) -> None:
-    """Raise RQError unless ``d`` is a JSON document of format ``fmt = (name, version)``."""
+def check_format(d, fmt: tuple[str, int], what: str, where: str, readable: tuple[int, ...] = ()) -> int:
+    """Raise RQError unless ``d`` is a JSON document of format ``fmt = (name, version)``; older
+    versions listed in ``readable`` are accepted too. Returns the document's version."""
     name, version = fmt
     if not isinstance(d, dict) or d.get("format") != name:
         raise RQError(f"{where}: not an rq {what} (format {d.get('format') if isinstance(d, dict) else None!r})")
-    if d.get("version") != version:
-        raise RQError(f"{where}: {what} version {d.get('version')} is not supported (expected {version})")
+    v = d.get("version")
+    if type(v) is not int or (v != version and v not in readable):
+        raise RQError(f"{where}: {what} version {v!r} is not supported (expected {version})")
+    return v

@@ -6,14 +6,21 @@ Names follow DeepSeek's EPLB so serving engines' formats map onto it directly. P
     log2phy  [E, R]  physical slots of each logical expert, -1 padded, R = max replicas
     logcnt   [E]     number of replicas of each logical expert (>= 1)
     slot_scheme [P]  storage scheme name of each slot ("bf16", "int8", "nf4", ...)
+    slot_device [P]  device (expert-parallel rank) of each slot, in [0, G); only with a placement
 
-Split policy ``round-robin-by-occurrence``: the j-th routed token-slot (token order, then k) of
-logical expert e in a batch goes to slot ``log2phy[e, j % logcnt[e]]``.
+Version 2 adds the optional placement: top-level ``num_devices`` G and every layer's
+``slot_device``, either both present or both absent. Version 1 maps (no placement) still load.
+
+Split policies (``defaults.SPLIT_POLICIES``; the rule lives in ``rq_tool.kernels.split``):
+``round-robin-by-occurrence``: the j-th routed token-slot (token order, then k) of logical expert e
+in a batch goes to slot ``log2phy[e, j % logcnt[e]]``. ``load-aware``: per step, each expert's
+pairs are water-filled over its replicas' devices so the busiest device is as light as possible
+(needs the placement).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,14 +38,18 @@ class LayerMap:
     log2phy: torch.Tensor  # [E, R] int64
     logcnt: torch.Tensor  # [E] int64
     slot_scheme: tuple[str, ...]  # [P]
+    slot_device: torch.Tensor | None = None  # [P] int64, with a placement
 
     @property
     def num_slots(self) -> int:
         return int(self.phy2log.numel())
 
     def to_dict(self) -> dict:
-        return {"layer": self.layer, "phy2log": self.phy2log.tolist(), "log2phy": self.log2phy.tolist(),
-                "logcnt": self.logcnt.tolist(), "slot_scheme": list(self.slot_scheme)}
+        d = {"layer": self.layer, "phy2log": self.phy2log.tolist(), "log2phy": self.log2phy.tolist(),
+             "logcnt": self.logcnt.tolist(), "slot_scheme": list(self.slot_scheme)}
+        if self.slot_device is not None:
+            d["slot_device"] = self.slot_device.tolist()
+        return d
 
 
 @dataclass(frozen=True)
@@ -48,7 +59,7 @@ class RoutingMap:
     source_scheme: str
     activation: str
     split_policy: str = defaults.SPLIT_POLICY
-    placement: dict | None = field(default=None)
+    num_devices: int | None = None  # G, with a placement (every layer has slot_device)
 
     def layer(self, index: int) -> LayerMap:
         for lm in self.layers:
@@ -68,23 +79,27 @@ class RoutingMap:
     def to_dict(self) -> dict:
         return {"format": _FORMAT, "version": _VERSION, "split_policy": self.split_policy,
                 "num_logical_experts": self.num_experts, "source_scheme": self.source_scheme,
-                "activation": self.activation, "layers": [lm.to_dict() for lm in self.layers],
-                "placement": self.placement}
+                "activation": self.activation, "num_devices": self.num_devices,
+                "layers": [lm.to_dict() for lm in self.layers]}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "routing map") -> "RoutingMap":
-        check_format(d, defaults.ROUTING_MAP_FORMAT, "routing map", where)
-        if d.get("split_policy") != defaults.SPLIT_POLICY:
-            raise RQError(f"{where}: unknown split policy {d.get('split_policy')!r}")
+        check_format(d, defaults.ROUTING_MAP_FORMAT, "routing map", where, defaults.ROUTING_MAP_READABLE)
+        if d.get("split_policy") not in defaults.SPLIT_POLICIES:
+            raise RQError(f"{where}: unknown split policy {d.get('split_policy')!r} "
+                          f"(known: {', '.join(defaults.SPLIT_POLICIES)})")
         try:
             E = int(d["num_logical_experts"])
+            G = d.get("num_devices")
             layers = [
                 LayerMap(int(row["layer"]), torch.tensor(row["phy2log"], dtype=torch.int64),
                          torch.tensor(row["log2phy"], dtype=torch.int64), torch.tensor(row["logcnt"], dtype=torch.int64),
-                         tuple(row["slot_scheme"]))
+                         tuple(row["slot_scheme"]),
+                         torch.tensor(row["slot_device"], dtype=torch.int64) if "slot_device" in row else None)
                 for row in d["layers"]
             ]
-            rmap = cls(E, layers, str(d["source_scheme"]), str(d["activation"]), d["split_policy"], d.get("placement"))
+            rmap = cls(E, layers, str(d["source_scheme"]), str(d["activation"]), d["split_policy"],
+                       None if G is None else int(G))
         except (KeyError, TypeError, ValueError) as e:
             raise RQError(f"{where}: malformed routing map ({type(e).__name__}: {e})") from None
         rmap.validate(where)
@@ -93,6 +108,10 @@ class RoutingMap:
     def validate(self, where: str = "routing map") -> None:
         """Every check the runtime relies on; raises RQError naming the layer and the problem."""
         E = self.num_experts
+        if self.num_devices is not None and not (isinstance(self.num_devices, int) and self.num_devices >= 1):
+            raise RQError(f"{where}: num_devices must be a positive integer, got {self.num_devices!r}")
+        if self.split_policy == defaults.LOAD_AWARE_POLICY and self.num_devices is None:
+            raise RQError(f"{where}: split policy {defaults.LOAD_AWARE_POLICY!r} needs a device placement (num_devices)")
         if self.source_scheme not in SCHEMES:
             raise RQError(f"{where}: unknown source scheme {self.source_scheme!r}")
         for lm in self.layers:
@@ -110,6 +129,11 @@ class RoutingMap:
                 raise RQError(f"{at}: phy2log has ids out of range [0, {E})")
             if (lm.log2phy < -1).any() or (lm.log2phy >= P).any():
                 raise RQError(f"{at}: log2phy has slot ids out of range [-1, {P})")
+            if (lm.slot_device is None) != (self.num_devices is None):
+                raise RQError(f"{at}: slot_device must be given exactly when the map has num_devices")
+            if lm.slot_device is not None and (
+                    lm.slot_device.shape != (P,) or (lm.slot_device < 0).any() or (lm.slot_device >= self.num_devices).any()):
+                raise RQError(f"{at}: slot_device must hold {P} device ids in [0, {self.num_devices})")
             if (lm.logcnt < 1).any():
                 raise RQError(f"{at}: every logical expert needs at least one slot (logcnt has zeros)")
             counts = torch.bincount(lm.phy2log, minlength=E)

@@ -145,7 +145,7 @@ def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, 
 @click.argument("out", type=click.Path())
 def verify(out):
     """Re-hash OUT against its manifest and check its routing map against config and tensors."""
-    from .rewrite import verify as run
+    from .rewrite.verify import verify as run
 
     problems = run(out)
     for p in problems:

@@ -40,3 +40,21 @@ def test_repo_kernels_folder_is_not_top_level_kernels():
     import rq_tool.kernels
 
     assert Path(rq_tool.kernels.__file__).resolve().parent == REPO / "kernels"
+
+
+def test_api_names_are_plain_functions():
+    """``rq_tool.calibrate`` etc. are plain functions, whatever stage modules were imported before."""
+    import inspect
+
+    import rq_tool
+    import rq_tool.calibrate.run  # noqa: F401  (a stage module, imported by its package path)
+    import rq_tool.rewrite.writer  # noqa: F401
+    from rq_tool import calibrate, load, rewrite, verify
+    from rq_tool.calibrate import Profile  # the stage packages stay importable beside them
+    from rq_tool.rewrite import RewriteResult
+
+    for fn in (calibrate, rewrite, load, verify):
+        assert inspect.isfunction(fn) and fn.__module__ == "rq_tool.api"
+    assert rq_tool.calibrate is calibrate and rq_tool.rewrite is rewrite
+    assert Profile.__module__ == "rq_tool.calibrate.profile" and RewriteResult.__module__ == "rq_tool.rewrite.writer"
+    assert not (REPO / "rq_tool" / "_callable.py").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,6 @@ import click
 
 from . import defaults
 from .errors import RQError
-from .quant import QUANT_SCHEMES, SCHEMES
 
 
 class _Group(click.Group):
@@ -47,11 +47,15 @@ def main(ctx, debug):
 
     if not debug:
         warnings.filterwarnings("ignore", module="bitsandbytes")
-        logging.getLogger("transformers").setLevel(logging.ERROR)
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        from transformers.utils import logging as hf_logging
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        else:  # read when transformers is first imported (importing it just for this costs ~1 s)
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @main.command()
@@ -64,8 +68,8 @@ def main(ctx, debug):
 @click.option("--seq-len", default=defaults.SEQ_LEN, show_default=True, help="Tokens per sequence.")
 @click.option("--batch-size", default=defaults.BATCH_SIZE, show_default=True, help="Sequences per forward.")
 @click.option("--seed", default=defaults.SEED, show_default=True, help="Document shuffle seed.")
-@click.option("--schemes", default=",".join(QUANT_SCHEMES), show_default=True,
-              help=f"Quantization schemes to measure quant_error for (known: {', '.join(SCHEMES)}).")
+@click.option("--schemes", default=",".join(defaults.QUANT_SCHEMES), show_default=True,
+              help=f"Quantization schemes to measure quant_error for (known: {', '.join(defaults.SCHEME_NAMES)}).")
 @click.option("--no-quant-error", is_flag=True, help="Skip the quant_error pass (faster; rewrite then needs "
               "--importance frequency).")
 @click.option("--max-memory", default=None, help="Keep at most this much of the weights in RAM (e.g. 8GB) and "
@@ -103,12 +107,13 @@ def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schem
 @click.option("--global", "global_budget", is_flag=True,
               help="Apply the budget to all MoE layers together instead of to each layer.")
 @click.option("--strategy", default=defaults.STRATEGY, show_default=True,
-              type=click.Choice(sorted(__import__("rq_tool.plan", fromlist=["STRATEGIES"]).STRATEGIES)),
+              type=click.Choice(sorted(defaults.STRATEGIES)),
               help="greedy: replicate while LIS improves, pay with least-damaging quantization; paper: R&Q "
                    "setting; replicate-only: EPLB-style, memory grows.")
-@click.option("--schemes", default=",".join(QUANT_SCHEMES), show_default=True,
+@click.option("--schemes", default=",".join(defaults.QUANT_SCHEMES), show_default=True,
               help="Quantization schemes the planner may use.")
-@click.option("--importance", default="quant_error", show_default=True, type=click.Choice(["quant_error", "frequency"]),
+@click.option("--importance", default=defaults.IMPORTANCE_DEFAULT, show_default=True,
+              type=click.Choice(defaults.IMPORTANCE),
               help="What picks the experts to quantize: measured quantization damage, or routing frequency only.")
 @click.option("--max-error", type=float, default=None,
               help="Cap on predicted quantization noise per layer, relative to the layer's expert output power "

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import defaults
 from ..corpus import texts_sha256 as _sha
 from ..errors import RQError
 from .perplexity import pack_tokens
 
-SEQ_LEN = 256
-TOKENS_PER_DOMAIN = 64 * SEQ_LEN  # 64 windows of 256 tokens per domain (as the bundled model's eval.json)
+SEQ_LEN = defaults.HELDOUT_SEQ_LEN
+TOKENS_PER_DOMAIN = defaults.HELDOUT_TOKENS
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,6 @@ import click
 
 from .. import defaults
 from ..errors import RQError
-from ..quant import QUANT_SCHEMES
-from .engines import ENGINES
 
 _HELP = f"""Export rq's measured expert loads for a serving engine (SGLang, vLLM).
 
@@ -43,7 +41,7 @@ llm-compressor) and put the dict in its config.json."""
 
 @click.command("export", help=_HELP)
 @click.argument("source", metavar="PROFILE_OR_OUT", type=click.Path())
-@click.option("--engine", required=True, type=click.Choice(sorted(ENGINES)), help="The serving engine.")
+@click.option("--engine", required=True, type=click.Choice(sorted(defaults.EXPORT_ENGINES)), help="The serving engine.")
 @click.option("--ep-size", type=int, help="Expert-parallel GPUs N (placement export; required there).")
 @click.option("--redundant", type=int, default=None,
               help="Redundant expert slots R per MoE layer (more: better balance, more memory). "
@@ -125,7 +123,7 @@ def _export_precision(src, eng, budget, model, out, as_json, write_json_atomic) 
     from .precision import choose_layer_precision, compressed_tensors_config, precision_summary
     from .source import layer_scheme_bytes
 
-    measured = [s for s in QUANT_SCHEMES if s in src.profile.schemes]
+    measured = [s for s in defaults.QUANT_SCHEMES if s in src.profile.schemes]
     if not measured:
         have = ", ".join(src.profile.schemes) or "none"
         raise RQError(f"{src.path}: the profile has no quant_error (measured: {have}); "

@@ -145,6 +145,7 @@ ENGINES: dict[str, Engine] = {
     "sglang": Engine("sglang", _sglang, placement_file=True),
     "vllm": Engine("vllm", _vllm, placement_file=False),
 }
+assert tuple(ENGINES) == defaults.EXPORT_ENGINES, "update defaults.EXPORT_ENGINES (the CLI offers those)"
 
 
 def get_engine(name: str) -> Engine:

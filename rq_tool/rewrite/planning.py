@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import torch
 
+from .. import defaults
 from ..calibrate.profile import Profile
 from ..errors import RQError
 from .layout import ExpertLayout
 
-IMPORTANCE = ("quant_error", "frequency")
 
-
-def plan_inputs(profile: Profile, layout: ExpertLayout, schemes, importance: str = "quant_error"):
+def plan_inputs(profile: Profile, layout: ExpertLayout, schemes, importance: str = defaults.IMPORTANCE_DEFAULT):
     """``(load [L, E] f64, error [L, E, S] f64, scheme_names [S], scheme_bytes [S] i64)``.
 
     ``error`` is relative: quantization damage over the layer's expert output power.
     """
-    if importance not in IMPORTANCE:
-        raise RQError(f"unknown --importance {importance!r}; known: {', '.join(IMPORTANCE)}")
+    if importance not in defaults.IMPORTANCE:
+        raise RQError(f"unknown --importance {importance!r}; known: {', '.join(defaults.IMPORTANCE)}")
     prof_layers = [lp.layer for lp in profile.layers]
     if prof_layers != list(layout.layers):
         raise RQError(f"profile has MoE layers {prof_layers} but the model has {list(layout.layers)}")

@@ -21,6 +21,7 @@ PROFILE_FILE = "rq_profile.json"
 ROUTING_MAP_FILE = "routing_map.json"
 MANIFEST_FILE = "rq_manifest.json"
 REMOTE_CODE_FILE = "modeling_rq.py"
+INDEX_FILE = "model.safetensors.index.json"  # the Hugging Face shard index
 
 # ---- registry names ---------------------------------------------------------------------
 # Each registry checks itself against its names here at import, so the CLI offers exactly the

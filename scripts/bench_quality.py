@@ -34,7 +34,6 @@ from rq_tool.calibrate import calibrate, load_texts, pack
 from rq_tool.eval import BASELINES, baseline_results, load_heldout, markdown_table, score_original, target_checks
 from rq_tool.eval.baselines import tune_laser
 from rq_tool.eval.calib_study import SIZES, markdown as study_markdown, sequence_loads, size_study
-from rq_tool.eval.heldout import SEQ_LEN, TOKENS_PER_DOMAIN
 from rq_tool.modelio import load_model, load_tokenizer, resolve_model_path
 from rq_tool.routing_policy import LaserConfig
 
@@ -97,9 +96,9 @@ def main() -> None:
     ap.add_argument("--heldout", action="append", default=[],
                     help="held-out file(s), one domain each (default: the bundled corpus's held-out split)")
     ap.add_argument("--num-samples", type=int, default=defaults.NUM_SAMPLES, help="calibration sequences")
-    ap.add_argument("--seq-len", type=int, default=SEQ_LEN)
-    ap.add_argument("--max-tokens", type=int, default=TOKENS_PER_DOMAIN, help="held-out tokens per domain")
-    ap.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
+    ap.add_argument("--seq-len", type=int, default=defaults.HELDOUT_SEQ_LEN)
+    ap.add_argument("--max-tokens", type=int, default=defaults.HELDOUT_TOKENS, help="held-out tokens per domain")
+    ap.add_argument("--batch-size", type=int, default=defaults.HELDOUT_BATCH_SIZE)
     ap.add_argument("--baselines", default=",".join(BASELINES))
     ap.add_argument("--laser-eps-high", type=float, default=None,
                     help="fix LASER's eps_high (default: tuned on the calibration set, see tune_laser)")

@@ -33,11 +33,12 @@ from __future__ import annotations
 import torch
 
 from ..errors import RQError
+from ..quant.schemes import NF4_BLOCKSIZE
 
 # rq scheme -> compressed-tensors weight quantization args (weight-only; activations stay as is)
 ENGINE_WEIGHT_SCHEMES: dict[str, dict] = {
     "int8": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
-    "nf4": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64},
+    "nf4": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": NF4_BLOCKSIZE},
 }
 # compressed-tensors storage format of one weight-only group (int4 and int8 both pack)
 _GROUP_FORMAT = "pack-quantized"

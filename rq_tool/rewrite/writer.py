@@ -33,11 +33,11 @@ from .assemble import LayerAssembler
 from .layout import ExpertLayout, read_layout
 from .planning import build_plan
 from .shards import (ShardWriter, clean_stale_temporaries, publish, temp_dir_for, write_json, write_manifest)
-from .source import INDEX_FILE, SafetensorsCheckpoint
+from .source import SafetensorsCheckpoint
 
 # files copied verbatim from the source directory (tokenizer, generation config, chat template)
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".md")
-_NEVER_COPY = {"config.json", INDEX_FILE, defaults.MANIFEST_FILE, defaults.ROUTING_MAP_FILE, defaults.PROFILE_FILE}
+_NEVER_COPY = {"config.json", defaults.INDEX_FILE, defaults.MANIFEST_FILE, defaults.ROUTING_MAP_FILE, defaults.PROFILE_FILE}
 
 
 @dataclass

@@ -11,6 +11,9 @@ import click
 
 from . import defaults
 from .errors import RQError
+from .rewrite.config import RewriteConfig
+
+_REWRITE = RewriteConfig()  # rq rewrite's planning defaults
 
 
 class _Group(click.Group):
@@ -102,23 +105,23 @@ def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schem
 @click.option("--profile", "-p", "profile_path", required=True, type=click.Path(),
               help="profile.json from rq calibrate on this model.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Output model directory (required unless --dry-run).")
-@click.option("--budget", default=str(defaults.BUDGET), show_default=True,
+@click.option("--budget", default=str(_REWRITE.budget), show_default=True,
               help="Expert memory: a factor of the original (0.9, 1.1x) or a size (120MB, 1.5GiB).")
 @click.option("--global", "global_budget", is_flag=True,
               help="Apply the budget to all MoE layers together instead of to each layer.")
-@click.option("--strategy", default=defaults.STRATEGY, show_default=True,
+@click.option("--strategy", default=_REWRITE.strategy, show_default=True,
               type=click.Choice(sorted(defaults.STRATEGIES)),
               help="greedy: replicate while LIS improves, pay with least-damaging quantization; paper: R&Q "
                    "setting; replicate-only: EPLB-style, memory grows.")
-@click.option("--schemes", default=",".join(defaults.QUANT_SCHEMES), show_default=True,
+@click.option("--schemes", default=",".join(_REWRITE.schemes), show_default=True,
               help="Quantization schemes the planner may use.")
-@click.option("--importance", default=defaults.IMPORTANCE_DEFAULT, show_default=True,
+@click.option("--importance", default=_REWRITE.importance, show_default=True,
               type=click.Choice(defaults.IMPORTANCE),
               help="What picks the experts to quantize: measured quantization damage, or routing frequency only.")
-@click.option("--max-error", type=float, default=None,
+@click.option("--max-error", type=float, default=_REWRITE.max_error,
               help="Cap on predicted quantization noise per layer, relative to the layer's expert output power "
                    "(1e-3 = 30 dB SQNR); unset: only the budget and LIS gains limit it.")
-@click.option("--ep-devices", type=int, default=None,
+@click.option("--ep-devices", type=int, default=_REWRITE.ep_devices,
               help="Also make each layer's slots pack onto this many expert-parallel devices within the original "
                    "per-device memory (cheaper schemes first, then fewer replicas).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
@@ -132,11 +135,10 @@ def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, 
 
     if out is None and not dry_run:
         raise RQError("--out is required (or use --dry-run to only print the plan)")
-    scheme_list = [s.strip() for s in schemes.split(",") if s.strip()]
-    res = run(model, profile_path, out, budget=budget, global_budget=global_budget, strategy=strategy,
-              schemes=scheme_list, importance=importance, max_error=max_error, ep_devices=ep_devices, force=force,
-              dry_run=dry_run,
-              progress=not as_json)
+    config = RewriteConfig(budget=budget, global_budget=global_budget, strategy=strategy,
+                           schemes=tuple(s.strip() for s in schemes.split(",") if s.strip()), importance=importance,
+                           max_error=max_error, ep_devices=ep_devices)
+    res = run(model, profile_path, out, config, force=force, dry_run=dry_run, progress=not as_json)
     if as_json:
         click.echo(json.dumps({"plan": res.plan.to_dict(), "out": str(res.out) if res.out else None}))
         return

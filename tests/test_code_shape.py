@@ -113,3 +113,31 @@ def test_registry_names_match_defaults():
     assert tuple(SCHEMES) == defaults.SCHEME_NAMES and QUANT_SCHEMES == defaults.QUANT_SCHEMES
     assert set(STRATEGIES) == set(defaults.STRATEGIES) and tuple(ENGINES) == defaults.EXPORT_ENGINES
     assert ERROR_WEIGHTS == defaults.IMPORTANCE
+
+
+def test_rewrite_config_is_the_cli_defaults():
+    """``rq rewrite``'s planning flags default to ``RewriteConfig``'s fields; the config round-trips."""
+    import dataclasses
+
+    from rq_tool.cli import rewrite as rewrite_cmd
+    from rq_tool.errors import RQError
+    from rq_tool.rewrite.config import RewriteConfig
+
+    cfg = RewriteConfig()
+    flags = {p.name: p.default for p in rewrite_cmd.params}
+    assert cfg.global_budget is False  # --global is a flag: off unless given
+    for field in dataclasses.fields(RewriteConfig):
+        if field.name == "global_budget":
+            continue
+        want = getattr(cfg, field.name)
+        want = ",".join(want) if field.name == "schemes" else str(want) if field.name == "budget" else want
+        assert flags[field.name] == want, (field.name, flags[field.name], want)
+    other = RewriteConfig(budget="0.9", strategy="paper", schemes=["int8"], max_error=1e-3, ep_devices=8)
+    assert RewriteConfig.from_dict(other.to_dict()) == other and other.schemes == ("int8",)
+    assert other.plan_options().strategy == "paper" and other.plan_options().error_weight == cfg.importance
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        other.budget = 1.0
+    with pytest.raises(RQError, match="unknown rewrite option"):
+        RewriteConfig.from_dict({"budgett": 1.0})
+    with pytest.raises(RQError, match="strategy"):
+        RewriteConfig(strategy="nope")

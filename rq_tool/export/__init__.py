@@ -36,12 +36,14 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "gpu_max_mean": ".location", "logical_count_map": ".location", "physical_to_logical_map": ".location",
     "recommend_redundant": ".location", "valid_redundant": ".location",
     "ENGINE_WEIGHT_SCHEMES": ".precision", "choose_layer_precision": ".precision",
-    "compressed_tensors_config": ".precision", "expert_target": ".precision", "precision_summary": ".precision",
+    "compressed_tensors_config": ".precision", "expert_target": ".precision", "plan_layer_precision": ".precision",
+    "precision_summary": ".precision",
     "ExportSource": ".source", "read_source": ".source",
 })
 __all__ = [
     "ENGINES", "ENGINE_WEIGHT_SCHEMES", "EngineExport", "ExportSource", "PlacementPlan", "balanced_phy2log",
     "check_redundant", "choose_layer_precision", "compressed_tensors_config", "engine_default_phy2log",
     "expert_target", "get_engine", "gpu_max_mean", "logical_count_map", "physical_to_logical_map",
-    "plan_placement", "precision_summary", "read_source", "recommend_redundant", "valid_redundant",
+    "plan_layer_precision", "plan_placement", "precision_summary", "read_source", "recommend_redundant",
+    "valid_redundant",
 ]

@@ -6,6 +6,12 @@ Python API (plain functions, ``rq_tool.api``; each imports its stage when called
     result = rq_tool.rewrite("path/to/moe", profile, "out")     # -> RewriteResult
     model = rq_tool.load("out")                                 # -> transformers CausalLM
     problems = rq_tool.verify("out")                            # -> [] when intact
+
+Legend of tensor shapes, shared by every module's docstring: T tokens, K top-k, N = T*K routed
+(token, k) pairs, E logical experts, P physical slots, R max replicas (or redundant slots, in
+export), L MoE layers, D decoder layers (dense included), G devices (GPUs), S schemes, H hidden
+size, I expert intermediate size, B independent rows (batches, steps). A module that needs
+another letter defines it in its own legend.
 """
 
 __version__ = "0.1.0"

@@ -80,9 +80,3 @@ def merge(*scores: dict) -> dict:
     loads = [s["load"] for s in scores if s.get("load") is not None]
     return {"nll_sum": sum(s["nll_sum"] for s in scores), "correct": sum(s["correct"] for s in scores),
             "tokens": sum(s["tokens"] for s in scores), "load": sum(loads) if loads else None}
-
-
-def perplexity(model, tokenizer, texts: list[str], seq_len: int = defaults.HELDOUT_SEQ_LEN,
-               max_tokens: int | None = defaults.HELDOUT_TOKENS, batch_size: int = defaults.HELDOUT_BATCH_SIZE) -> dict:
-    """Held-out perplexity of ``texts``: ``{"ppl", "top1_acc", "tokens"}`` (+ ``lis`` for MoE)."""
-    return summarize(evaluate_ids(model, pack_tokens(tokenizer, texts, seq_len, max_tokens), batch_size))

@@ -194,10 +194,6 @@ class Plan:
     def lis_after(self) -> float:
         return sum(lp.lis_after for lp in self.layers) / len(self.layers) if self.layers else 1.0
 
-    def slot_scheme_names(self, layer_index: int) -> list[str]:
-        """``[P]`` scheme names of the slots of ``self.layers[layer_index]``."""
-        return [self.schemes[i] for i in self.layers[layer_index].slot_scheme.tolist()]
-
     def totals(self) -> dict:
         return {
             "bytes_before": self.bytes_before,

@@ -76,7 +76,9 @@ def write_report(profile, out_dir, compare=None) -> list[Path]:
                       [f"L{layer}  LIS {b:.2f}" for layer, b in zip(layers, before)], path=out / "load_before.png")]
     after = None
     if compare is not None:
-        rmap = _routing_map(compare)
+        from ..runtime.model_dir import read_rq_model
+
+        rmap = read_rq_model(compare).routing_map
         if [lm.layer for lm in rmap.layers] != layers:
             raise RQError(f"{compare}: its MoE layers {[lm.layer for lm in rmap.layers]} differ from the "
                           f"profile's {layers}")
@@ -97,14 +99,6 @@ def write_report(profile, out_dir, compare=None) -> list[Path]:
                               out / "load_after.png", marks=True))
     paths.append(_lis_chart(plt, profile, layers, before, after, out / "lis_per_layer.png"))
     return paths
-
-
-def _routing_map(path):
-    from ..runtime.hf import read_rq_config
-    from ..runtime.routing_map import RoutingMap
-
-    d = read_rq_config(Path(path))
-    return RoutingMap.from_dict(d["rq"]["routing_map"], where=f"{path}/config.json routing map")
 
 
 def _lis_chart(plt, profile, layers, before, after, path: Path) -> Path:

@@ -54,12 +54,11 @@ def read_source(path) -> ExportSource:
     if path.is_file():
         profile = Profile.load(path)
         return ExportSource(path, profile, _num_hidden_layers(profile.model.get("num_hidden_layers"), str(path)))
-    from ..runtime.hf import read_rq_config  # transformers is imported only for model dirs
-    from ..runtime.routing_map import RoutingMap
+    from ..runtime.model_dir import read_rq_model
 
-    config = read_rq_config(path)
+    md = read_rq_model(path)
+    config, rmap = md.config, md.routing_map
     profile = Profile.load(path / defaults.PROFILE_FILE)
-    rmap = RoutingMap.from_dict(config["rq"].get("routing_map"), where=f"{path}/config.json routing map")
     map_layers = [lm.layer for lm in rmap.layers]
     prof_layers = [lp.layer for lp in profile.layers]
     if map_layers != prof_layers or rmap.num_experts != profile.num_experts:

@@ -12,13 +12,10 @@ from pathlib import Path
 import torch
 
 from .. import __version__, defaults
+from ..checkpoint import INDEX_FILE
+from ..checkpoint import TORCH_TO_ST as _ST_DTYPES
 from ..errors import RQError
 
-INDEX_FILE = "model.safetensors.index.json"
-
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
 _METADATA = '"__metadata__":{"format":"pt"}'
 
 

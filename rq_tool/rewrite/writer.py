@@ -183,6 +183,7 @@ def _write_metadata(src: Path, tmp: Path, config_dict: dict, rmap: RoutingMap, p
         if p.is_file() and p.suffix in _COPY_SUFFIXES and p.name not in _NEVER_COPY and not p.name.startswith("."):
             shutil.copyfile(p, tmp / p.name)
     from ..runtime.hf import REMOTE_CODE
+    from ..runtime.integrity import header_fingerprint
 
     (tmp / defaults.REMOTE_CODE_FILE).write_text(REMOTE_CODE)
     rq_section = {
@@ -193,6 +194,8 @@ def _write_metadata(src: Path, tmp: Path, config_dict: dict, rmap: RoutingMap, p
         "source_config_sha256": config_fingerprint(config),
         "routing_map": rmap.to_dict(),
         "plan": plan_summary(plan),
+        # what the integrity check compares the stored headers with (a relabelled dtype is caught)
+        "tensors_sha256": header_fingerprint(SafetensorsCheckpoint(tmp)),
     }
     new = dict(config_dict)
     new["model_type"] = "rq"

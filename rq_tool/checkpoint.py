@@ -5,14 +5,14 @@ export and eval (expert bytes). Only headers are read here, never tensor data. L
 (torch + json): the runtime imports it.
 
 Path rule: every shard an index names must be a plain relative path that stays inside the model
-directory (no absolute path, no ``..``, no symlink leading out), so a model directory can never
-make rq read, or load weights from, files elsewhere.
+directory (no absolute path, no ``..``, no drive), so a model directory can never
+make rq read, or load weights from, files elsewhere by name (symlinks placed in the directory are
+followed, as in a Hugging Face cache snapshot).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -53,11 +53,7 @@ def inside(root: Path, name, where: str) -> Path:
     pure = PurePosixPath(name)
     if pure.is_absolute() or name.startswith(("/", "\\")) or ".." in pure.parts or "\\" in name or ":" in pure.parts[0]:
         raise RQError(f"{where}: shard path {name!r} points outside the model directory (absolute or '..')")
-    path = root / pure
-    real_root = os.path.realpath(root)
-    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
-        raise RQError(f"{where}: shard path {name!r} leads outside the model directory (symlink)")
-    return path
+    return root / pure  # symlinks are followed: a Hugging Face cache snapshot links its files to ../../blobs
 
 
 def read_index(root: Path) -> dict[str, str] | None:

@@ -227,10 +227,13 @@ def test_output_already_there_is_left_untouched(base, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = CliRunner().invoke(main, ["rewrite", str(base / "src"), "-p", str(base / "p.json"), "-o", str(out)])
-    assert r.exit_code == 2
-    assert stderr_lines(r.stderr) == [f"error: output {out} already exists (use --force to replace it)"]
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "keep.txt").read_text() == "mine"
+    for force in ([], ["--force"]):  # not an rq output: refused with --force too (issue 11)
+        r = CliRunner().invoke(main, ["rewrite", str(base / "src"), "-p", str(base / "p.json"), "-o", str(out), *force])
+        assert r.exit_code == 2
+        assert stderr_lines(r.stderr) == [f"error: output {out} already exists and is not an rq rewritten model "
+                                          "directory; rq only ever replaces what it wrote itself, even with --force "
+                                          "(choose another output path)"]
+        assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "keep.txt").read_text() == "mine"
 
 
 def test_calibrate_output_in_missing_directory(base, tmp_path):

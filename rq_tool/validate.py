@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from .errors import RQError
@@ -193,3 +194,32 @@ def check_model_config(d, where: str) -> dict:
         if key in d and d[key] is not None:
             check_int(d[key], where, key, 1, hi)
     return d
+
+
+# ------------------------------------------------------------------------------ option values
+BUDGET_FACTOR_MIN = 1e-6  # below this no layer fits in any scheme anyway
+BUDGET_BYTES_MAX = 1 << 60  # 1 EiB of expert memory
+_BUDGET_SPEC = re.compile(r"^\s*([0-9]*\.?[0-9]+)(?:e([+-]?[0-9]+))?\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def check_budget_spec(spec):
+    """A ``--budget`` spec of sane magnitude (returned unchanged), before the planner's exact parser
+    (``rq_tool.plan.budget``) builds a Fraction of it: ``1e-99999999`` would be a 100-million-digit
+    integer there. Factors must lie in [1e-6, 10], sizes between 1 byte and 1 EiB."""
+    from .plan.budget import MAX_FACTOR, _parse  # the planner's own grammar, parsed once it is cheap
+
+    hint = "a factor like 0.9 or 1.1x, or a size with a unit like 120MB or 1.5GiB"
+    if isinstance(spec, str):
+        m = _BUDGET_SPEC.match(spec)
+        if not m:
+            raise RQError(f"{spec!r} is not a budget ({hint})")
+        if m.group(2) and (len(m.group(2)) > 4 or abs(int(m.group(2))) > 30) or len(m.group(1)) > 40:
+            raise RQError(f"budget {spec!r} is out of range ({hint})")
+    elif isinstance(spec, bool) or not isinstance(spec, (int, float)):
+        raise RQError(f"{spec!r} is not a budget ({hint})")
+    kind, v = _parse(spec)
+    if kind == "factor" and not BUDGET_FACTOR_MIN <= v <= MAX_FACTOR:
+        raise RQError(f"budget {spec!r}: a factor must lie in [{BUDGET_FACTOR_MIN:g}, {MAX_FACTOR:g}]")
+    if kind == "bytes" and not 1 <= v <= BUDGET_BYTES_MAX:
+        raise RQError(f"budget {spec!r}: a size must lie between 1 byte and 1 EiB")
+    return spec

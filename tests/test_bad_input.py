@@ -168,7 +168,7 @@ CASES = [
     ("profile-of-another-model", None, other_model_profile,
      lambda m, o, x, b: ["rewrite", m, "-p", x, "-o", o / "out"], ["another model", "config hash"]),
     ("profile-wrong-shape", None, profile_edit(short_load),
-     lambda m, o, x, b: ["rewrite", m, "-p", x, "-o", o / "out"], ["bad_profile.json", "layer 0 load", "(7,)"]),
+     lambda m, o, x, b: ["rewrite", m, "-p", x, "-o", o / "out"], ["bad_profile.json", "layers[0].load", "7 entries, expected 8"]),
     ("profile-wrong-expert-count", None, profile_edit(extra_expert),
      lambda m, o, x, b: ["rewrite", m, "-p", x, "-o", o / "out"], ["9 experts", "the model 8"]),
     ("profile-not-json", None, data_file("p.json", b"{oops"),

@@ -110,6 +110,7 @@ class Profile:
     @classmethod
     def from_dict(cls, d: dict, where: str = "profile") -> "Profile":
         check_format(d, defaults.PROFILE_FORMAT, "profile", where)
+        _check_types(d, where)
         try:
             E = int(d["model"]["num_experts"])
             schemes = list(d["schemes"])
@@ -141,12 +142,15 @@ class Profile:
             raise RQError(f"{where}: profile has no MoE layers")
         return cls(model=d["model"], calibration=d["calibration"], schemes=schemes, layers=layers)
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
     def save(self, path) -> None:
-        """Write atomically (temporary file + rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        tmp.replace(path)
+        """Write atomically (a unique temporary beside ``path`` + rename; concurrent saves never mix).
+        ``rq calibrate`` also applies the output policy (``rq_tool.outputs``); this library call does not."""
+        from ..outputs import write_text
+
+        write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path) -> "Profile":
@@ -159,3 +163,48 @@ class Profile:
         if self.model.get("config_sha256") != fp:
             raise RQError(f"{where} was measured on another model (config hash {str(self.model.get('config_sha256'))[:12]} "
                           f"!= {fp[:12]}); re-run rq calibrate on this model")
+
+
+def _check_types(d: dict, where: str) -> None:
+    """JSON types, sizes and finiteness of a profile (one line naming the field), before tensors are built."""
+    from .. import validate as v
+
+    model = v.check_dict(v.get(d, "model", where), where, "model")
+    E = v.check_int(v.get(model, "num_experts", where, "model"), where, "model.num_experts", 1, v.MAX_EXPERTS)
+    for key in ("top_k", "num_hidden_layers"):
+        if model.get(key) is not None:
+            v.check_int(model[key], where, f"model.{key}", 1, v.MAX_LAYERS if key == "num_hidden_layers" else E)
+    v.check_dict(v.get(d, "calibration", where), where, "calibration")
+    schemes = v.check_list(v.get(d, "schemes", where), where, "schemes", 16)
+    for s in schemes:
+        v.check_str(s, where, "schemes", 64)
+    layers = v.check_list(v.get(d, "layers", where), where, "layers", v.MAX_LAYERS)
+    seen = set()
+    for i, row in enumerate(layers):
+        at = f"layers[{i}]"
+        layer = v.check_int(v.get(row, "layer", where, at), where, f"{at}.layer", 0, v.MAX_LAYERS)
+        if layer in seen:
+            raise RQError(f"{where}: {at}.layer: layer {layer} appears twice")
+        seen.add(layer)
+        n_layers = model.get("num_hidden_layers")
+        if isinstance(n_layers, int) and layer >= n_layers:
+            raise RQError(f"{where}: {at}.layer: {layer} is not below model.num_hidden_layers {n_layers}")
+        v.int_list(v.get(row, "load", where, at), where, f"{at}.load", 0, v.MAX_INT >> 8, length=E)
+        for key in ("gate_mass", "output_energy", "output_power"):
+            v.number_list(v.get(row, key, where, at), where, f"{at}.{key}", length=E, lo=0.0)
+        qe = v.check_dict(v.get(row, "quant_error", where, at), where, f"{at}.quant_error")
+        for s in schemes:
+            v.number_list(v.get(qe, s, where, f"{at}.quant_error"), where, f"{at}.quant_error.{s}", length=E, lo=0.0)
+        lbb = row.get("lis_by_batch", {})
+        v.check_dict(lbb, where, f"{at}.lis_by_batch")
+        for b, stats in lbb.items():
+            if not b.isdigit() or len(b) > 9:
+                raise RQError(f"{where}: {at}.lis_by_batch: batch size {b[:20]!r} is not a positive integer")
+            v.check_dict(stats, where, f"{at}.lis_by_batch.{b}")
+            for k in ("mean", "max"):
+                v.check_number(v.get(stats, k, where, f"{at}.lis_by_batch.{b}"), where, f"{at}.lis_by_batch.{b}.{k}", 0.0)
+            if "batches" in stats:
+                v.check_int(stats["batches"], where, f"{at}.lis_by_batch.{b}.batches")
+        shared = row.get("shared")
+        if shared is not None:
+            v.check_dict(shared, where, f"{at}.shared")

@@ -57,6 +57,9 @@ def build_plan(profile: Profile, layout: ExpertLayout, *, budget, global_budget:
                **option_overrides):
     from ..plan import PlanOptions, make_plan, resolve_budget
 
+    from ..validate import check_budget_spec
+
+    check_budget_spec(budget)  # bounded before the exact parser (a huge exponent would hang it)
     load, error, names, scheme_bytes = plan_inputs(profile, layout, schemes, importance)
     layer_bytes = torch.full((load.shape[0],), layout.num_experts * int(scheme_bytes[0]), dtype=torch.int64)
     budget_bytes = resolve_budget(budget, layer_bytes, global_budget)

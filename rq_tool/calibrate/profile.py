@@ -171,6 +171,9 @@ def _check_types(d: dict, where: str) -> None:
 
     model = v.check_dict(v.get(d, "model", where), where, "model")
     E = v.check_int(v.get(model, "num_experts", where, "model"), where, "model.num_experts", 1, v.MAX_EXPERTS)
+    for key in ("path", "model_type", "config_sha256", "family", "activation", "expert_dtype"):
+        if model.get(key) is not None:
+            v.check_str(model[key], where, f"model.{key}")
     for key in ("top_k", "num_hidden_layers"):
         if model.get(key) is not None:
             v.check_int(model[key], where, f"model.{key}", 1, v.MAX_LAYERS if key == "num_hidden_layers" else E)

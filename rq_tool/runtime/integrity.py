@@ -20,6 +20,7 @@ import re
 
 from ..checkpoint import TORCH_TO_ST, SafetensorsCheckpoint
 from ..errors import RQError
+from ..validate import check_int, get
 from .experts import slot_tensor_dtype, slot_tensor_shapes
 from .routing_map import RoutingMap
 
@@ -57,7 +58,7 @@ def problems(path, model_dir, ckpt: SafetensorsCheckpoint | None = None) -> list
         return [str(e)]
     if rmap.activation != expected_act:
         out.append(f"routing map activation {rmap.activation!r} differs from the base config's {expected_act!r}")
-    out += _slot_problems(ckpt, rmap, int(config["hidden_size"]))
+    out += _slot_problems(ckpt, rmap, check_int(get(config, "hidden_size", "config.json"), "config.json", "hidden_size", 1))
     recorded = model_dir.rq.get("tensors_sha256")
     if not out and recorded is not None and recorded != header_fingerprint(ckpt):
         out.append("tensor headers (names, dtypes, shapes) differ from what rq wrote (rq.tensors_sha256)")

@@ -44,9 +44,9 @@ def read_rq_config(path) -> dict:
         raise RQError(f"{path} is not an rq-rewritten model (config.json has no 'rq' section)")
     check_format(rq, defaults.RQ_CONFIG_FORMAT, "config section", str(cfg))
     check_model_config(d, str(cfg))
-    check_str(get(rq, "base_model_type", str(cfg), "rq"), str(cfg), "rq.base_model_type", 128)
+    if rq.get("base_model_type") is not None:  # required to load (base_config), not to read the map
+        check_str(rq["base_model_type"], str(cfg), "rq.base_model_type", 128)
     check_dict(get(rq, "routing_map", str(cfg), "rq"), str(cfg), "rq.routing_map")
-    get(d, "hidden_size", str(cfg))
     return d
 
 
@@ -68,7 +68,7 @@ def base_config(d: dict):
 
     from ..arch import get_family
 
-    base_type = d["rq"].get("base_model_type")
+    base_type = get(d["rq"], "base_model_type", "config.json", "rq")
     get_family(base_type)
     try:
         cfg = CONFIG_MAPPING[base_type].from_dict({k: v for k, v in d.items() if k not in _NOT_BASE_KEYS})

@@ -130,18 +130,20 @@ def _stream(ckpt: SafetensorsCheckpoint, family, layout: ExpertLayout, rmap: Rou
     assemblers = {layer: LayerAssembler(layer, keys, family, layout.num_experts) for layer, keys in expected.items()}
     writer = ShardWriter(tmp, shard_bytes)
     bar = tqdm(total=len(ckpt.tensors), desc="rewriting", unit="tensor", disable=not progress, leave=False)
-    for key, tensor in _read_tensors(ckpt):  # errors writing the output propagate as they are (OSError)
-        bar.update(1)
-        ek = family.parse_expert_key(key)
-        if ek is None:
-            writer.add(family.runtime_key(key), tensor)
-            continue
-        asm = assemblers[ek.layer]
-        asm.add(key, ek, tensor)
-        if asm.done:
-            _write_layer(writer, family, layout, rmap.layer(ek.layer), asm, rmap.activation)
-            del assemblers[ek.layer]
-    bar.close()
+    try:
+        for key, tensor in _read_tensors(ckpt):  # errors writing the output propagate as they are (OSError)
+            bar.update(1)
+            ek = family.parse_expert_key(key)
+            if ek is None:
+                writer.add(family.runtime_key(key), tensor)
+                continue
+            asm = assemblers[ek.layer]
+            asm.add(key, ek, tensor)
+            if asm.done:
+                _write_layer(writer, family, layout, rmap.layer(ek.layer), asm, rmap.activation)
+                del assemblers[ek.layer]
+    finally:
+        bar.close()  # also on errors: the error line must not follow a half-drawn progress bar
     if assemblers:
         raise RQError(f"layers {sorted(assemblers)}: expert tensors incomplete on disk")
     writer.finish()

@@ -29,6 +29,9 @@ def plan_inputs(profile: Profile, layout: ExpertLayout, schemes, importance: str
     if profile.num_experts != layout.num_experts:
         raise RQError(f"profile has {profile.num_experts} experts per layer, the model {layout.num_experts}")
     schemes = [s for s in schemes if s != layout.source_scheme]
+    if not schemes:
+        raise RQError(f"--schemes: no scheme other than the model's own {layout.source_scheme} to quantize to "
+                      "(give e.g. int8,nf4)")
     names = [layout.source_scheme, *schemes]
     load = profile.load_matrix().double()
     L, E = load.shape

@@ -164,6 +164,17 @@ def test_export_replaces_its_own_file_with_force(M, tmp_path):
     assert "physical_to_logical_map" in json.loads(out.read_text())
 
 
+def test_profile_missing_an_moe_layer_is_refused(M, tmp_path):
+    d = json.loads((M / "p.json").read_text())
+    assert d["model"]["moe_layers"] == [lp["layer"] for lp in d["layers"]]
+    del d["layers"][1]
+    (tmp_path / "holed.json").write_text(json.dumps(d))
+    msg = one_error_line(invoke("export", tmp_path / "holed.json", "--engine", "sglang", "--ep-size", 4,
+                                "--out", tmp_path / "x.json"))
+    assert f"MoE layer(s) [{d['model']['moe_layers'][1]}] of the model are missing" in msg
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_report_is_whole_or_absent(M, tmp_path, monkeypatch):
     from rq_tool.eval import report as report_mod
 

@@ -4,7 +4,7 @@ Layout (format ``rq-profile``, version 1)::
 
     {"format": "rq-profile", "version": 1, "rq_version": "...",
      "model": {"path", "model_type", "family", "config_sha256", "num_experts", "top_k",
-               "num_hidden_layers", "expert_dtype", "activation"},
+               "num_hidden_layers", "moe_layers", "expert_dtype", "activation"},
      "calibration": {"dataset", "sha256", "sequences", "seq_len", "tokens", "batch_size", "seed"},
      "schemes": ["int8", "nf4"],
      "layers": [{"layer": 3, "load": [E], "gate_mass": [E], "output_energy": [E],
@@ -12,7 +12,9 @@ Layout (format ``rq-profile``, version 1)::
                  "lis_by_batch": {"1": {"mean", "max", "batches"}, ...},
                  "shared": null | {"tokens", "output_energy"}}]}
 
-``layer`` is the absolute decoder-layer index (dense layers are simply absent).
+``layer`` is the absolute decoder-layer index (dense layers are simply absent); ``moe_layers``
+(optional, written since issue 11) lists the model's MoE layers, so a profile missing one is refused
+instead of being exported as a dense layer.
 """
 
 from __future__ import annotations
@@ -177,6 +179,9 @@ def _check_types(d: dict, where: str) -> None:
     for key in ("top_k", "num_hidden_layers"):
         if model.get(key) is not None:
             v.check_int(model[key], where, f"model.{key}", 1, v.MAX_LAYERS if key == "num_hidden_layers" else E)
+    moe_layers = model.get("moe_layers")
+    if moe_layers is not None:
+        v.int_list(moe_layers, where, "model.moe_layers", 0, v.MAX_LAYERS)
     v.check_dict(v.get(d, "calibration", where), where, "calibration")
     schemes = v.check_list(v.get(d, "schemes", where), where, "schemes", 16)
     for s in schemes:
@@ -211,3 +216,7 @@ def _check_types(d: dict, where: str) -> None:
         shared = row.get("shared")
         if shared is not None:
             v.check_dict(shared, where, f"{at}.shared")
+    if moe_layers is not None and sorted(seen) != sorted(moe_layers):
+        missing, extra = sorted(set(moe_layers) - seen), sorted(seen - set(moe_layers))
+        raise RQError(f"{where}: layers: " + (f"MoE layer(s) {missing} of the model are missing" if missing else
+                                                f"layer(s) {extra} are not MoE layers of the model") + " (model.moe_layers)")

@@ -50,7 +50,9 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
     integrity.check(path, md, ckpt)  # dtypes, shapes, activation, shard paths: the model loads as planned
     compute_dtype = _DTYPES.get(str(d.get("dtype") or d.get("torch_dtype") or "float32"), torch.float32)
     if dtype not in (None, "auto"):
-        compute_dtype = dtype if isinstance(dtype, torch.dtype) else _DTYPES[str(dtype).replace("torch.", "")]
+        compute_dtype = dtype if isinstance(dtype, torch.dtype) else _DTYPES.get(str(dtype).replace("torch.", ""))
+        if compute_dtype is None:
+            raise RQError(f"dtype {dtype!r} is not one rq computes in (known: {', '.join(_DTYPES)})")
     with warnings.catch_warnings(), no_init_weights():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)

@@ -398,3 +398,16 @@ def test_budget_bounds_hold_in_the_library_too(m):
     with pytest.raises(RQError, match="out of range"):
         rq_tool.rewrite(m / "src", m / "p.json", None, budget="1e-99999999", dry_run=True)
     assert time.perf_counter() - t < 10
+
+
+def test_integrity_and_readers_stay_light():
+    """The loader's readers and checks import no CLI, dataset, calibration or rewrite code."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rq_tool.runtime.integrity, rq_tool.runtime.model_dir, rq_tool.checkpoint, rq_tool.validate, "
+            "rq_tool.outputs; heavy = [m for m in ('click', 'datasets', 'rq_tool.calibrate', 'rq_tool.rewrite', "
+            "'rq_tool.cli') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -30,10 +30,12 @@ def resolve_model_path(spec: str | Path | None) -> Path:
 
 
 def read_config_dict(path: Path) -> dict:
+    from .validate import check_model_config
+
     d = read_json(path / "config.json", f"{path} is not a model directory (no config.json)")
     if not isinstance(d, dict) or "model_type" not in d:
         raise RQError(f"{path / 'config.json'}: no model_type")
-    return d
+    return check_model_config(d, str(path / "config.json"))
 
 
 def load_config(path: Path):

@@ -359,6 +359,8 @@ def test_index_pointing_outside_the_model_dir_is_refused(M, name):
     (M / "src" / "model.safetensors.index.json").write_text(json.dumps(index))
     msg = one_error_line(invoke("rewrite", M / "src", "-p", M / "p.json", "--out", M / "new"))
     assert "points outside the model directory" in msg and not (M / "new").exists()
+    msg = one_error_line(invoke("calibrate", M / "src", "-d", M / "t.jsonl", "--out", M / "new.json"))
+    assert "points outside the model directory" in msg and not (M / "new.json").exists()
 
 
 def test_verify_ok_means_load_gives_the_planned_model(m):

@@ -21,7 +21,7 @@ import torch
 from .errors import RQError
 from .validate import check_dict, check_str, loads
 
-INDEX_FILE = "model.safetensors.index.json"
+from .defaults import INDEX_FILE  # noqa: E402  (re-exported: the one name)
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 
 # safetensors dtype name -> (torch dtype, bytes per element); the one table in rq

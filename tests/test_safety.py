@@ -408,8 +408,8 @@ def test_integrity_and_readers_stay_light():
     import sys
 
     code = ("import sys, rq_tool.runtime.integrity, rq_tool.runtime.model_dir, rq_tool.checkpoint, rq_tool.validate, "
-            "rq_tool.outputs; heavy = [m for m in ('click', 'datasets', 'rq_tool.calibrate', 'rq_tool.rewrite', "
-            "'rq_tool.cli') if m in sys.modules]; print(heavy)")
+            "rq_tool.outputs; heavy = [m for m in ('click', 'datasets', 'rq_tool.calibrate.run', 'rq_tool.calibrate.data', "
+            "'rq_tool.rewrite.writer', 'rq_tool.rewrite.planning', 'rq_tool.cli') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"

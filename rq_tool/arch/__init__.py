@@ -1,15 +1,13 @@
 """Model-family adapters: where routers and experts live, routing rules, layouts, key names."""
 
-from .activation import activation_fn, expert_forward
-from .base import ExpertKey, MoEFamily
-from .families import FAMILIES, get_family, supported_model_types
+from .._lazy import lazy_exports
 
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "activation_fn": ".activation", "expert_forward": ".activation",
+    "ExpertKey": ".base", "MoEFamily": ".base",
+    "FAMILIES": ".families", "get_family": ".families", "supported_model_types": ".families",
+})
 __all__ = [
-    "FAMILIES",
-    "ExpertKey",
-    "MoEFamily",
-    "activation_fn",
-    "expert_forward",
-    "get_family",
+    "FAMILIES", "ExpertKey", "MoEFamily", "activation_fn", "expert_forward", "get_family",
     "supported_model_types",
 ]

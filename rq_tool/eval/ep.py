@@ -26,11 +26,12 @@ import math
 
 import torch
 
+from .. import defaults
 from ..errors import RQError
 from ..plan.eplb import rebalance_experts
 from ..plan.placement import device_loads, max_mean, place_slots
 
-DEVICE_COUNTS = (2, 4, 8)
+DEVICE_COUNTS = defaults.DEVICE_COUNTS
 
 
 def contiguous_devices(num_slots: int, num_devices: int) -> torch.Tensor:

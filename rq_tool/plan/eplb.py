@@ -1,7 +1,7 @@
 """DeepSeek EPLB, reimplemented as rq's reference point for expert placement (pure).
 
 Legend: L MoE layers, E logical experts, P physical slots (``num_replicas``), G GPUs
-(``num_gpus``), N rows (independent problems, e.g. layers or (layer, node) pairs), M items per row.
+(``num_gpus``), B rows (independent problems, e.g. layers or (layer, node) pairs), M items per row.
 
 The algorithm DeepSeek published with EPLB (github deepseek-ai/EPLB), in its four functions, in
 call order, one public (``rebalance_experts``):
@@ -31,17 +31,17 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
     """Pack M weighted items into ``num_packs`` packs of ``M / num_packs`` items each, per row.
 
     Heaviest item first, into the lightest pack that still has room (ties: lowest pack id).
-    ``weight [N, M]`` -> ``pack_index [N, M]`` (pack of each item), ``rank_in_pack [N, M]``
+    ``weight [B, M]`` -> ``pack_index [B, M]`` (pack of each item), ``rank_in_pack [B, M]``
     (position of the item inside its pack, in insertion order), both int64.
     """
     weight = weight.double().cpu()
-    N, M = weight.shape
+    B, M = weight.shape
     assert num_packs >= 1 and M % num_packs == 0, f"{M} items do not split evenly into {num_packs} packs"
     per_pack = M // num_packs
-    pack_index = torch.empty(N, M, dtype=torch.int64)
-    rank_in_pack = torch.empty(N, M, dtype=torch.int64)
+    pack_index = torch.empty(B, M, dtype=torch.int64)
+    rank_in_pack = torch.empty(B, M, dtype=torch.int64)
     order = torch.argsort(weight, dim=-1, descending=True, stable=True)
-    for n in range(N):
+    for n in range(B):
         load, count = [0.0] * num_packs, [0] * num_packs
         w = weight[n].tolist()
         for i in order[n].tolist():
@@ -55,17 +55,17 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
 def replicate_experts(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Give M experts ``num_phy >= M`` slots: each extra slot to the argmax of ``weight / logcnt``.
 
-    ``weight [N, M]`` -> ``phy2log [N, num_phy]`` (slots 0..M-1 are the originals, extras
-    appended), ``rank [N, num_phy]`` (replica index of each slot within its expert),
-    ``logcnt [N, M]``; int64.
+    ``weight [B, M]`` -> ``phy2log [B, num_phy]`` (slots 0..M-1 are the originals, extras
+    appended), ``rank [B, num_phy]`` (replica index of each slot within its expert),
+    ``logcnt [B, M]``; int64.
     """
     weight = weight.double().cpu()
-    N, M = weight.shape
+    B, M = weight.shape
     assert num_phy >= M, f"{num_phy} slots cannot hold {M} experts"
-    phy2log = torch.arange(num_phy, dtype=torch.int64).repeat(N, 1)
-    rank = torch.zeros(N, num_phy, dtype=torch.int64)
-    logcnt = torch.ones(N, M, dtype=torch.int64)
-    rows = torch.arange(N)
+    phy2log = torch.arange(num_phy, dtype=torch.int64).repeat(B, 1)
+    rank = torch.zeros(B, num_phy, dtype=torch.int64)
+    logcnt = torch.ones(B, M, dtype=torch.int64)
+    rows = torch.arange(B)
     for i in range(M, num_phy):
         e = torch.argmax(weight / logcnt, dim=-1)
         phy2log[:, i] = e
@@ -75,7 +75,7 @@ def replicate_experts(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor,
 
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:
-    """Inverse of each row permutation: ``perm [N, M]`` -> ``inv [N, M]`` with ``inv[perm] = arange``."""
+    """Inverse of each row permutation: ``perm [B, M]`` -> ``inv [B, M]`` with ``inv[perm] = arange``."""
     inv = torch.empty_like(perm)
     inv.scatter_(-1, perm, torch.arange(perm.shape[-1], dtype=perm.dtype).expand_as(perm))
     return inv

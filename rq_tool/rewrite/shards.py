@@ -94,7 +94,7 @@ class ShardWriter:
             weight_map.update({k: name for k in keys})
         index = {"metadata": {"total_size": self.total_bytes, "format": defaults.SLOT_FORMAT[0],
                               "version": defaults.SLOT_FORMAT[1]}, "weight_map": dict(sorted(weight_map.items()))}
-        write_json(self.dir / INDEX_FILE, index)
+        write_json(self.dir / defaults.INDEX_FILE, index)
         return weight_map
 
 

@@ -18,10 +18,10 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from .defaults import INDEX_FILE  # noqa: F401  (re-exported beside the reader)
 from .errors import RQError
 from .validate import check_dict, check_str, loads
 
-from .defaults import INDEX_FILE  # one source of truth
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 
 # safetensors dtype name -> (torch dtype, bytes per element); the one table in rq

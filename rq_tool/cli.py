@@ -165,9 +165,8 @@ def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, 
 
     if out is None and not dry_run:
         raise RQError("--out is required (or use --dry-run to only print the plan)")
-    config = RewriteConfig(budget=budget, global_budget=global_budget, strategy=strategy,
-                           schemes=tuple(schemes), importance=importance,
-                           max_error=max_error, ep_devices=ep_devices)
+    config = RewriteConfig(budget=budget, global_budget=global_budget, strategy=strategy, schemes=tuple(schemes),
+                           importance=importance, max_error=max_error, ep_devices=ep_devices)
     res = run(model, profile_path, out, config, force=force, dry_run=dry_run, progress=not as_json)
     if as_json:
         click.echo(json.dumps({"plan": res.plan.to_dict(), "out": str(res.out) if res.out else None}))
@@ -181,7 +180,7 @@ def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, 
 @main.command()
 @click.argument("out", type=click.Path())
 def verify(out):
-    """Re-hash OUT against its manifest and check its routing map against config and tensors."""
+    """Re-hash OUT against its manifest and run the loader's integrity checks (dtypes, shapes, activation, paths)."""
     from .rewrite.verify import verify as run
 
     problems = run(out)
@@ -189,7 +188,8 @@ def verify(out):
         click.echo(f"FAIL {p}", err=True)
     if problems:
         raise RQError(f"{out}: {len(problems)} problem(s) found")
-    click.echo(f"OK {out}: every file matches the manifest; routing map consistent with config and tensors")
+    click.echo(f"OK {out}: every file matches the manifest; tensors, dtypes, activation and shard paths are what "
+               "the routing map planned (rq_tool.load gives the planned model)")
 
 
 def _register_stage_commands() -> None:

@@ -83,7 +83,7 @@ class SchemeList(click.ParamType):
     name = "schemes"
 
     def convert(self, value, param, ctx):
-        from .quant import SCHEMES
+        from .defaults import SCHEME_NAMES as SCHEMES  # no torch import for parsing
 
         if isinstance(value, (list, tuple)):
             return list(value)

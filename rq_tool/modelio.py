@@ -26,6 +26,9 @@ def resolve_model_path(spec: str | Path | None) -> Path:
         raise RQError(f"{path} is not a model directory (no config.json)")
     if not any(path.glob("*.safetensors")):
         raise RQError(f"{path} has no *.safetensors weights (rq reads safetensors only, never pickle)")
+    from .checkpoint import read_index
+
+    read_index(path)  # an index naming shards outside the directory is refused before anything reads it
     return path
 
 

@@ -359,6 +359,8 @@ def test_index_pointing_outside_the_model_dir_is_refused(M, name):
     (M / "src" / "model.safetensors.index.json").write_text(json.dumps(index))
     msg = one_error_line(invoke("rewrite", M / "src", "-p", M / "p.json", "--out", M / "new"))
     assert "points outside the model directory" in msg and not (M / "new").exists()
+    msg = one_error_line(invoke("calibrate", M / "src", "-d", M / "t.jsonl", "--out", M / "new.json"))
+    assert "points outside the model directory" in msg and not (M / "new.json").exists()
 
 
 def test_verify_ok_means_load_gives_the_planned_model(m):
@@ -406,8 +408,8 @@ def test_integrity_and_readers_stay_light():
     import sys
 
     code = ("import sys, rq_tool.runtime.integrity, rq_tool.runtime.model_dir, rq_tool.checkpoint, rq_tool.validate, "
-            "rq_tool.outputs; heavy = [m for m in ('click', 'datasets', 'rq_tool.calibrate', 'rq_tool.rewrite', "
-            "'rq_tool.cli') if m in sys.modules]; print(heavy)")
+            "rq_tool.outputs; heavy = [m for m in ('click', 'datasets', 'rq_tool.calibrate.run', 'rq_tool.calibrate.data', "
+            "'rq_tool.rewrite.writer', 'rq_tool.rewrite.planning', 'rq_tool.cli') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"

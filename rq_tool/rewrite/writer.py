@@ -35,12 +35,12 @@ from .layout import ExpertLayout, read_layout
 from .planning import build_plan
 from ..outputs import check_output, marked_dir_kind, staged
 from .shards import ShardWriter, write_json, write_manifest
-from .source import INDEX_FILE, SafetensorsCheckpoint
+from .source import SafetensorsCheckpoint
 
 # files copied verbatim from the source directory (tokenizer, generation config, chat template)
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".md")
+_NEVER_COPY = {"config.json", defaults.INDEX_FILE, defaults.MANIFEST_FILE, defaults.ROUTING_MAP_FILE, defaults.PROFILE_FILE}
 MODEL_DIR = marked_dir_kind("rewritten model", defaults.MANIFEST_FILE, defaults.MANIFEST_FORMAT[0])
-_NEVER_COPY = {"config.json", INDEX_FILE, defaults.MANIFEST_FILE, defaults.ROUTING_MAP_FILE, defaults.PROFILE_FILE}
 
 
 @dataclass

@@ -24,9 +24,6 @@ from ..validate import check_int, get
 from .experts import slot_tensor_dtype, slot_tensor_shapes
 from .routing_map import RoutingMap
 
-_FLOAT_SCHEME_ST = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
-
-
 def header_fingerprint(ckpt: SafetensorsCheckpoint) -> str:
     """sha256 over every tensor's ``key, dtype, shape`` (sorted by key): what rq records at write time."""
     h = hashlib.sha256()
@@ -90,7 +87,7 @@ def _slot_problems(ckpt: SafetensorsCheckpoint, rmap: RoutingMap, hidden: int) -
             for name, shape in slot_tensor_shapes(scheme, n, hidden, inter).items():
                 expected[f"{prefix}{scheme}_{name}"] = (tuple(shape), TORCH_TO_ST[slot_tensor_dtype(scheme, name, None)])
         if f"{prefix}gate_up_bias" in keys:
-            bias = _FLOAT_SCHEME_ST.get(rmap.source_scheme)
+            bias = TORCH_TO_ST[slot_tensor_dtype(rmap.source_scheme, "bias", None)]  # kept in the source dtype
             expected[f"{prefix}gate_up_bias"] = ((lm.num_slots, 2 * inter), bias)
             expected[f"{prefix}down_bias"] = ((lm.num_slots, hidden), bias)
         for k, (shape, dtype) in expected.items():

@@ -15,6 +15,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import importlib
 import os
 import re
 import shutil
@@ -242,25 +243,20 @@ def test_disk_full_names_the_output_not_the_source(M, monkeypatch):
     assert not (M / "new").exists() and not leftovers(M) and tree(M / "src") == before
 
 
-def test_sigterm_during_rewrite_leaves_nothing(M):
+def test_sigterm_during_rewrite_leaves_nothing(M, monkeypatch):
     """SIGTERM unwinds like Ctrl-C: the temporary (and its lock) go, nothing is published, exit 143."""
+    writer = importlib.import_module("rq_tool.rewrite.writer")  # rq_tool.rewrite is also the function
+
     out = M / "new"
-    stop = threading.Event()
+    real = writer.write_manifest
 
-    def kill_when_writing():
-        while not stop.is_set():
-            if any(p.is_dir() and any(p.iterdir()) for p in M.glob(".new.rq-tmp-*")):
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.0005)
+    def term_then_write(tmp, *a, **kw):  # deterministic: the signal lands while the temporary is full
+        assert any(tmp.iterdir())
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(tmp, *a, **kw)
 
-    killer = threading.Thread(target=kill_when_writing)
-    killer.start()
-    try:
-        r = invoke("rewrite", M / "src", "-p", M / "p.json", "--out", out)
-    finally:
-        stop.set()
-        killer.join()
+    monkeypatch.setattr(writer, "write_manifest", term_then_write)
+    r = invoke("rewrite", M / "src", "-p", M / "p.json", "--out", out)
     assert r.exit_code == 128 + signal.SIGTERM, r.output
     assert "terminated (SIGTERM): nothing was left half-written" in r.stderr
     assert not out.exists() and not leftovers(M)

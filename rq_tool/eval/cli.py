@@ -55,23 +55,6 @@ def json_safe(v):
     return v
 
 
-def _weights(spec: str | None) -> dict[str, float] | None:
-    if not spec:
-        return None
-    bad = RQError(f"--weights must look like code=0.5,math=0.5 (finite, non-negative, not all zero), got {spec!r}")
-    out = {}
-    for part in spec.split(","):
-        name, _, value = part.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise bad from None
-        if not name.strip() or not 0 <= out[name.strip()] < 1e30:
-            raise bad
-    if sum(out.values()) <= 0:
-        raise bad
-    return out
-
 
 @click.command("eval")
 @click.argument("original", type=click.Path())

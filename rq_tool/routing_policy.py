@@ -40,8 +40,7 @@ import torch
 from torch import nn
 
 from .arch import MoEFamily
-from .arch.base import SoftmaxTopK
-from .arch.families import GptOss
+from .arch.families import GptOss, SoftmaxTopK
 from .errors import RQError
 
 

@@ -2,14 +2,14 @@
 
 from .activation import activation_fn, expert_forward
 from .base import ExpertKey, MoEFamily
-from .families import FAMILIES, get_family, supported_model_types
+from .families import FAMILY_CLASSES, StructuralFamily, get_family
 
 __all__ = [
-    "FAMILIES",
+    "FAMILY_CLASSES",
     "ExpertKey",
     "MoEFamily",
+    "StructuralFamily",
     "activation_fn",
     "expert_forward",
     "get_family",
-    "supported_model_types",
 ]

@@ -42,6 +42,9 @@ def read_layout(ckpt: SafetensorsCheckpoint, family: MoEFamily) -> ExpertLayout:
         ek = family.parse_expert_key(key)
         if ek is None:
             continue
+        if ek.quantized_part:
+            raise RQError(f"{ckpt.path}: {key} is a quantized expert tensor ({ek.tensor}); rq reads F32/BF16/F16 "
+                          "expert weights only")
         rec = per_layer[ek.layer]
         prefixes[ek.layer] = ek.block_prefix
         rec["roles"].add(ek.role)
@@ -51,7 +54,7 @@ def read_layout(ckpt: SafetensorsCheckpoint, family: MoEFamily) -> ExpertLayout:
             dims.setdefault(f"fused_{ek.role}", info.shape[1:])
         else:
             rec["experts"].add(ek.expert)
-            dims.setdefault(ek.role, info.shape)
+            dims.setdefault(ek.role, tuple(family.canonical_expert_tensor(ek.role, _meta(info.shape)[0]).shape))
     if not per_layer:
         raise RQError(f"{ckpt.path}: no routed-expert tensors found for family {family.name!r}")
     if len(dtypes) != 1 or next(iter(dtypes)) not in _ST_DTYPES:
@@ -62,9 +65,8 @@ def read_layout(ckpt: SafetensorsCheckpoint, family: MoEFamily) -> ExpertLayout:
         if counts[layer] != E or (r["fused_E"] is None and r["experts"] != set(range(E))):
             raise RQError(f"{ckpt.path}: layer {layer} has {counts[layer]} experts on disk, other layers {E} "
                           "(a shard may be missing)")
-    if "fused_gate_up" in dims:  # gpt-oss style [E, H, 2I] (transposed) or [E, 2I, H]
-        shape = dims["fused_gate_up"]
-        canon = family.canonical_from_fused("gate_up", _meta(shape))["gate_up"].shape[1:]
+    if "fused_gate_up" in dims:  # [E, 2I, H], or transposed [E, H, 2I] (gpt-oss): the family says which
+        canon = family.canonical_from_fused("gate_up", _meta(dims["fused_gate_up"]))["gate_up"].shape[1:]
         two_i, H = canon
     elif "gate_up" in dims:
         two_i, H = dims["gate_up"]

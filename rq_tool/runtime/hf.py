@@ -53,7 +53,8 @@ def base_config(d: dict):
     from transformers import CONFIG_MAPPING
 
     base_type = d["rq"].get("base_model_type")
-    get_family(base_type)
+    if base_type not in CONFIG_MAPPING:
+        raise RQError(f"base model_type {base_type!r} of this rq model is not known to the installed transformers")
     cfg = CONFIG_MAPPING[base_type].from_dict({k: v for k, v in d.items() if k not in _NOT_BASE_KEYS})
     cfg.auto_map = d.get("auto_map")
     return cfg

@@ -306,6 +306,7 @@ def _expert_counts(config) -> dict[str, int]:
 
     def walk(d, prefix):
         for k, v in d.items():
+            k = str(k)
             if isinstance(v, dict):
                 walk(v, f"{prefix}{k}.")
             elif "expert" in k and isinstance(v, int) and not isinstance(v, bool) and v > 1 and "per_tok" not in k:

@@ -49,6 +49,8 @@ class LayerAssembler:
                 raise RQError(f"layer {self.layer}: expert {role} tensors incomplete on disk")
             return torch.stack([parts[e] for e in range(self.E)])
 
+        if "gate" in out and "up" in out:  # fused gate and up tensors (DBRX)
+            out["gate_up"] = torch.cat([out.pop("gate"), out.pop("up")], dim=1)
         if "gate" in pe and "up" in pe:
             out["gate_up"] = torch.cat([stack("gate"), stack("up")], dim=1)
         elif "gate_up" in pe:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import torch
+
 from ..arch import MoEFamily
 from ..errors import RQError
 from ..quant import get_scheme
@@ -49,9 +51,10 @@ def read_layout(ckpt: SafetensorsCheckpoint, family: MoEFamily) -> ExpertLayout:
         prefixes[ek.layer] = ek.block_prefix
         rec["roles"].add(ek.role)
         dtypes.add(info.dtype)
-        if ek.expert is None:
-            rec["fused_E"] = info.shape[0]
-            dims.setdefault(f"fused_{ek.role}", info.shape[1:])
+        if ek.expert is None:  # canonical shape from the family (transposed, interleaved, flattened layouts)
+            canon = next(iter(family.canonical_from_fused(ek.role, torch.empty(info.shape, device="meta")).values()))
+            rec["fused_E"] = canon.shape[0]
+            dims.setdefault(f"fused_{ek.role}", tuple(canon.shape[1:]))
         else:
             rec["experts"].add(ek.expert)
             dims.setdefault(ek.role, tuple(family.canonical_expert_tensor(ek.role, _meta(info.shape)[0]).shape))
@@ -65,9 +68,11 @@ def read_layout(ckpt: SafetensorsCheckpoint, family: MoEFamily) -> ExpertLayout:
         if counts[layer] != E or (r["fused_E"] is None and r["experts"] != set(range(E))):
             raise RQError(f"{ckpt.path}: layer {layer} has {counts[layer]} experts on disk, other layers {E} "
                           "(a shard may be missing)")
-    if "fused_gate_up" in dims:  # [E, 2I, H], or transposed [E, H, 2I] (gpt-oss): the family says which
-        canon = family.canonical_from_fused("gate_up", _meta(dims["fused_gate_up"]))["gate_up"].shape[1:]
-        two_i, H = canon
+    if "fused_gate_up" in dims:
+        two_i, H = dims["fused_gate_up"]
+    elif "fused_gate" in dims:
+        I_, H = dims["fused_gate"]
+        two_i = 2 * I_
     elif "gate_up" in dims:
         two_i, H = dims["gate_up"]
     elif "gate" in dims:
@@ -82,6 +87,4 @@ def read_layout(ckpt: SafetensorsCheckpoint, family: MoEFamily) -> ExpertLayout:
 
 
 def _meta(shape):
-    import torch
-
     return torch.empty((1, *shape), device="meta")

@@ -36,9 +36,8 @@ EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "
 GENERIC_OVERRIDES = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
     "dbrx": dict(d_model=64, n_heads=4, ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2),
-                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0), max_seq_len=128),
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0), max_seq_len=128),
 }
-_ATTENTION_TYPES = ("full_attention", "attention", "sliding_attention")
 
 
 def _generic_kwargs(model_type: str) -> dict:
@@ -50,6 +49,8 @@ def _generic_kwargs(model_type: str) -> dict:
     fields = set(inspect.signature(cls.__init__).parameters) | set(getattr(cls, "__dataclass_fields__", {}))
     kw = {k: v for k, v in GENERIC.items() if k in fields}
     kw.update({k: 8 for k in EXPERT_COUNT_FIELDS if k in fields})
+    if "kv_lora_rank" in fields:  # multi-head latent attention: as many kv heads as heads
+        kw["num_key_value_heads"] = BASE["num_attention_heads"]
     return {**kw, **GENERIC_OVERRIDES.get(model_type, {})}
 
 
@@ -60,7 +61,7 @@ def tiny_config(model_type: str, **overrides):
         return AutoConfig.for_model(model_type, **{**BASE, **FAMILY_KWARGS[model_type], **overrides})
     config = AutoConfig.for_model(model_type, **{**BASE, **_generic_kwargs(model_type), **overrides})
     types = getattr(config, "layer_types", None)
-    if isinstance(types, list) and types and not any(t in _ATTENTION_TYPES for t in types) and \
+    if isinstance(types, list) and types and all("linear" in str(t) or "mamba" in str(t) for t in types) and \
             "layer_types" not in overrides:  # hybrids: make the last layer full attention (caches need one)
         config.layer_types = [*types[:-1], "full_attention"]
     return config

@@ -81,6 +81,10 @@ class StructuralFamily(MoEFamily):
         self.keys = KeyMap(model, {b.path + ".experts" for b in self.blocks},
                            concat_dim=2 if self.layout.transposed else 1)
         self._layer_of_path = {b.path + ".experts": b.layer for b in self.blocks}
+        foreign = self.keys.non_expert_conversions()
+        if foreign:
+            raise RQError(f"{self.name}: transformers reshapes non-expert tensors when loading this checkpoint "
+                          f"({'; '.join(foreign[:2])}); rq copies non-expert tensors unchanged and cannot rewrite it yet")
 
     def _check_uniform(self, model: nn.Module) -> None:
         classes = {b.experts_class for b in self.blocks}
@@ -249,10 +253,20 @@ def _config_object(cfg):
             warnings.simplefilter("ignore")
             if isinstance(cfg, str):
                 return CONFIG_MAPPING[model_type]()
-            return CONFIG_MAPPING[model_type].from_dict({k: v for k, v in cfg.items() if k != "model_type"})
+            return config_from_dict(model_type, cfg)
     except Exception as e:
         msg = (str(e).splitlines() or [""])[0][:200]
         raise RQError(f"transformers cannot read this {model_type!r} config ({type(e).__name__}: {msg})") from None
+
+
+def config_from_dict(model_type: str, d: dict):
+    """A config.json dict -> transformers config of ``model_type`` (special floats such as
+    Infinity decoded the way ``from_pretrained`` does)."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    d = cls._decode_special_floats(d) if hasattr(cls, "_decode_special_floats") else d
+    return cls.from_dict({k: v for k, v in d.items() if k != "model_type"})
 
 
 def _check_causal_lm(model_type: str) -> None:

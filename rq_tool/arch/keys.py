@@ -88,13 +88,27 @@ class KeyMap:
 
     def runtime_key(self, key: str) -> str:
         """A non-expert on-disk key -> the runtime state-dict key; runtime keys map to themselves."""
-        if any(key.startswith(p + ".") for p in self.experts_paths) or key in self.state_keys:
+        if key in self.state_keys or (key.endswith(".experts.") and key[:-1] in self.experts_paths):
             return key
         out, conv, pattern = self._renamed(key)
         if conv is not None:
             ops = ", ".join(type(o).__name__ for o in getattr(conv, "operations", ()))
             raise RQError(f"checkpoint key {key!r} needs transformers' conversion ({ops}) to become {out!r}; "
                           "rq copies non-expert tensors unchanged and cannot rewrite this checkpoint")
+        return out
+
+    def non_expert_conversions(self) -> list[str]:
+        """``"<ops> -> <target>"`` for converters that reshape non-expert tensors of this model on
+        load (rq copies those unchanged, so such a model cannot be rewritten yet)."""
+        out = []
+        other = [k for k in self.state_keys if not any(k.startswith(p + ".") for p in self.experts_paths)]
+        for conv in self.converters:
+            for tgt in conv.target_patterns:
+                plain = tgt.lstrip("^").replace("\\", "").replace("*", "")
+                if plain and any(plain in k for k in other):
+                    ops = ", ".join(type(o).__name__ for o in getattr(conv, "operations", ()))
+                    out.append(f"{ops} -> {plain}")
+                    break
         return out
 
     # ------------------------------------------------------------------ experts

@@ -22,6 +22,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .. import __version__, defaults
 from ..arch import get_family
+from ..arch.families import config_from_dict
 from ..errors import RQError, read_json
 from .experts import RQExperts
 from .routing_map import RoutingMap
@@ -55,7 +56,7 @@ def base_config(d: dict):
     base_type = d["rq"].get("base_model_type")
     if base_type not in CONFIG_MAPPING:
         raise RQError(f"base model_type {base_type!r} of this rq model is not known to the installed transformers")
-    cfg = CONFIG_MAPPING[base_type].from_dict({k: v for k, v in d.items() if k not in _NOT_BASE_KEYS})
+    cfg = config_from_dict(base_type, {k: v for k, v in d.items() if k not in _NOT_BASE_KEYS})
     cfg.auto_map = d.get("auto_map")
     return cfg
 

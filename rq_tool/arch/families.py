@@ -246,8 +246,8 @@ def _config_object(cfg):
         return cfg
     model_type = cfg if isinstance(cfg, str) else cfg.get("model_type")
     if model_type not in CONFIG_MAPPING:
-        raise RQError(f"model_type {model_type!r} is not known to the installed transformers; "
-                      "`rq families` lists the MoE families rq supports")
+        raise RQError(f"model_type {model_type!r} is not supported: the installed transformers does not know it "
+                      "(`rq families` lists the MoE families rq supports)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -10,19 +10,15 @@ Implementation switch: argument ``impl`` ("triton" / "torch" / None) or env ``RQ
 imported lazily; on CPU it runs only under ``TRITON_INTERPRET=1`` (tests).
 """
 
-from .backend import resolve_impl, triton_available
-from .dispatch import Dispatch, replica_dispatch, replica_dispatch_reference
-from .experts import moe_experts, moe_experts_grouped, moe_experts_reference
-from .slots import SlotWeights
+from rq_tool._lazy import lazy_exports
 
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "resolve_impl": ".backend", "triton_available": ".backend",
+    "replica_dispatch": ".dispatch", "replica_dispatch_reference": ".dispatch",
+    "moe_experts": ".experts", "moe_experts_grouped": ".experts", "moe_experts_reference": ".experts",
+    "Dispatch": ".types", "SlotWeights": ".types",
+})
 __all__ = [
-    "Dispatch",
-    "SlotWeights",
-    "moe_experts",
-    "moe_experts_grouped",
-    "moe_experts_reference",
-    "replica_dispatch",
-    "replica_dispatch_reference",
-    "resolve_impl",
-    "triton_available",
+    "Dispatch", "SlotWeights", "moe_experts", "moe_experts_grouped", "moe_experts_reference", "replica_dispatch",
+    "replica_dispatch_reference", "resolve_impl", "triton_available",
 ]

@@ -1,28 +1,25 @@
 """rq: Replicate-and-Quantize load balancing for Mixture-of-Experts models.
 
-Python API (each wraps the stage the CLI runs)::
+Python API (plain functions, ``rq_tool.api``; each imports its stage when called)::
 
     profile = rq_tool.calibrate("path/to/moe", "mix")          # -> Profile
     result = rq_tool.rewrite("path/to/moe", profile, "out")     # -> RewriteResult
     model = rq_tool.load("out")                                 # -> transformers CausalLM
+    problems = rq_tool.verify("out")                            # -> [] when intact
+
+Legend of tensor shapes, shared by every module's docstring: T tokens, K top-k, N = T*K routed
+(token, k) pairs, E logical experts, P physical slots, R max replicas (or redundant slots, in
+export), L MoE layers, D decoder layers (dense included), G devices (GPUs), S schemes, H hidden
+size, I expert intermediate size, B independent rows (batches, steps). A module that needs
+another letter defines it in its own legend.
 """
 
 __version__ = "0.1.0"
 
+# The stage packages are imported first (their __init__s are lazy: nothing heavy runs), so that
+# Python's binding of a subpackage to its parent's attribute happens now, once, and the API
+# functions below are what ``rq_tool.calibrate`` / ``rq_tool.rewrite`` name from then on.
+from . import calibrate, rewrite  # noqa: E402,F401  isort: skip
+from .api import calibrate, load, rewrite, verify  # noqa: E402,F811
+
 __all__ = ["calibrate", "load", "rewrite", "verify", "__version__"]
-
-
-def __getattr__(name):  # lazy: `import rq_tool` stays cheap
-    if name in ("calibrate", "rewrite"):
-        import importlib
-
-        return importlib.import_module(f".{name}", __name__)  # a callable package (see _callable.py)
-    if name == "verify":
-        from .rewrite import verify
-
-        return verify
-    if name == "load":
-        from .runtime import load
-
-        return load
-    raise AttributeError(f"module 'rq_tool' has no attribute {name!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import click
 
 from . import defaults
 from .errors import RQError
-from .quant import QUANT_SCHEMES, SCHEMES
+from .rewrite.config import RewriteConfig
+
+_REWRITE = RewriteConfig()  # rq rewrite's planning defaults
 
 
 class _Group(click.Group):
@@ -47,11 +50,15 @@ def main(ctx, debug):
 
     if not debug:
         warnings.filterwarnings("ignore", module="bitsandbytes")
-        logging.getLogger("transformers").setLevel(logging.ERROR)
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        from transformers.utils import logging as hf_logging
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        else:  # read when transformers is first imported (importing it just for this costs ~1 s)
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @main.command()
@@ -64,8 +71,8 @@ def main(ctx, debug):
 @click.option("--seq-len", default=defaults.SEQ_LEN, show_default=True, help="Tokens per sequence.")
 @click.option("--batch-size", default=defaults.BATCH_SIZE, show_default=True, help="Sequences per forward.")
 @click.option("--seed", default=defaults.SEED, show_default=True, help="Document shuffle seed.")
-@click.option("--schemes", default=",".join(QUANT_SCHEMES), show_default=True,
-              help=f"Quantization schemes to measure quant_error for (known: {', '.join(SCHEMES)}).")
+@click.option("--schemes", default=",".join(defaults.QUANT_SCHEMES), show_default=True,
+              help=f"Quantization schemes to measure quant_error for (known: {', '.join(defaults.SCHEME_NAMES)}).")
 @click.option("--no-quant-error", is_flag=True, help="Skip the quant_error pass (faster; rewrite then needs "
               "--importance frequency).")
 @click.option("--max-memory", default=None, help="Keep at most this much of the weights in RAM (e.g. 8GB) and "
@@ -98,22 +105,23 @@ def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schem
 @click.option("--profile", "-p", "profile_path", required=True, type=click.Path(),
               help="profile.json from rq calibrate on this model.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Output model directory (required unless --dry-run).")
-@click.option("--budget", default=str(defaults.BUDGET), show_default=True,
+@click.option("--budget", default=str(_REWRITE.budget), show_default=True,
               help="Expert memory: a factor of the original (0.9, 1.1x) or a size (120MB, 1.5GiB).")
 @click.option("--global", "global_budget", is_flag=True,
               help="Apply the budget to all MoE layers together instead of to each layer.")
-@click.option("--strategy", default=defaults.STRATEGY, show_default=True,
-              type=click.Choice(sorted(__import__("rq_tool.plan", fromlist=["STRATEGIES"]).STRATEGIES)),
+@click.option("--strategy", default=_REWRITE.strategy, show_default=True,
+              type=click.Choice(sorted(defaults.STRATEGIES)),
               help="greedy: replicate while LIS improves, pay with least-damaging quantization; paper: R&Q "
                    "setting; replicate-only: EPLB-style, memory grows.")
-@click.option("--schemes", default=",".join(QUANT_SCHEMES), show_default=True,
+@click.option("--schemes", default=",".join(_REWRITE.schemes), show_default=True,
               help="Quantization schemes the planner may use.")
-@click.option("--importance", default="quant_error", show_default=True, type=click.Choice(["quant_error", "frequency"]),
+@click.option("--importance", default=_REWRITE.importance, show_default=True,
+              type=click.Choice(defaults.IMPORTANCE),
               help="What picks the experts to quantize: measured quantization damage, or routing frequency only.")
-@click.option("--max-error", type=float, default=None,
+@click.option("--max-error", type=float, default=_REWRITE.max_error,
               help="Cap on predicted quantization noise per layer, relative to the layer's expert output power "
                    "(1e-3 = 30 dB SQNR); unset: only the budget and LIS gains limit it.")
-@click.option("--ep-devices", type=int, default=None,
+@click.option("--ep-devices", type=int, default=_REWRITE.ep_devices,
               help="Also make each layer's slots pack onto this many expert-parallel devices within the original "
                    "per-device memory (cheaper schemes first, then fewer replicas).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
@@ -127,11 +135,10 @@ def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, 
 
     if out is None and not dry_run:
         raise RQError("--out is required (or use --dry-run to only print the plan)")
-    scheme_list = [s.strip() for s in schemes.split(",") if s.strip()]
-    res = run(model, profile_path, out, budget=budget, global_budget=global_budget, strategy=strategy,
-              schemes=scheme_list, importance=importance, max_error=max_error, ep_devices=ep_devices, force=force,
-              dry_run=dry_run,
-              progress=not as_json)
+    config = RewriteConfig(budget=budget, global_budget=global_budget, strategy=strategy,
+                           schemes=tuple(s.strip() for s in schemes.split(",") if s.strip()), importance=importance,
+                           max_error=max_error, ep_devices=ep_devices)
+    res = run(model, profile_path, out, config, force=force, dry_run=dry_run, progress=not as_json)
     if as_json:
         click.echo(json.dumps({"plan": res.plan.to_dict(), "out": str(res.out) if res.out else None}))
         return
@@ -145,7 +152,7 @@ def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, 
 @click.argument("out", type=click.Path())
 def verify(out):
     """Re-hash OUT against its manifest and check its routing map against config and tensors."""
-    from .rewrite import verify as run
+    from .rewrite.verify import verify as run
 
     problems = run(out)
     for p in problems:

@@ -336,12 +336,3 @@ def heldout_texts(domain: str, n_docs: int | None = None) -> list[str]:
     docs = domain_documents(domain)
     held = docs if domain in UNSEEN_DOMAINS else split_documents(docs)[1]
     return held if n_docs is None else held[:n_docs]
-
-
-def texts_sha256(texts: list[str]) -> str:
-    """Hash of an ordered list of texts (to tell whether two machines see the same corpus)."""
-    digest = hashlib.sha256()
-    for t in texts:
-        digest.update(t.encode("utf-8", errors="replace"))
-        digest.update(b"\0")
-    return digest.hexdigest()

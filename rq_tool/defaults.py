@@ -21,6 +21,18 @@ PROFILE_FILE = "rq_profile.json"
 ROUTING_MAP_FILE = "routing_map.json"
 MANIFEST_FILE = "rq_manifest.json"
 REMOTE_CODE_FILE = "modeling_rq.py"
+INDEX_FILE = "model.safetensors.index.json"  # the Hugging Face shard index
+
+# ---- registry names ---------------------------------------------------------------------
+# Each registry checks itself against its names here at import, so the CLI offers exactly the
+# registered choices without importing the registry (and torch) to print its help.
+SCHEME_NAMES = ("fp32", "bf16", "fp16", "int8", "nf4")  # rq_tool.quant.SCHEMES
+QUANT_SCHEMES = ("int8", "nf4")  # the planner's cheaper options, most precise first
+STRATEGIES = ("greedy", "paper", "replicate-only")  # rq_tool.plan.STRATEGIES
+EXPORT_ENGINES = ("sglang", "vllm")  # rq_tool.export.ENGINES
+# what picks the experts to quantize: measured damage, or load alone (the frequency-only baseline)
+IMPORTANCE = ("quant_error", "frequency")
+IMPORTANCE_DEFAULT = "quant_error"
 
 # ---- calibration ------------------------------------------------------------------------
 DEFAULT_DATASET = "mix"  # a bundled set in calibration_sets/
@@ -41,6 +53,15 @@ SPLIT_POLICY = "round-robin-by-occurrence"  # j-th occurrence of expert e -> rep
 # per step, water-fill each expert's pairs over its replicas' devices (rq_tool.kernels.split); needs a placement
 LOAD_AWARE_POLICY = "load-aware"
 SPLIT_POLICIES = (SPLIT_POLICY, LOAD_AWARE_POLICY)
+
+
+# ---- evaluation ---------------------------------------------------------------------------
+HELDOUT_SEQ_LEN = 256  # tokens per held-out window
+HELDOUT_TOKENS = 64 * HELDOUT_SEQ_LEN  # tokens scored per domain (64 windows, as the bundled model's eval.json)
+HELDOUT_BATCH_SIZE = BATCH_SIZE  # windows per forward; per-batch LIS is measured on batches of this size
+DEVICE_COUNTS = (2, 4, 8)  # simulated expert-parallel device counts
+LASER_EPS_HIGH = 0.3  # LASER baseline thresholds (rq_tool.routing_policy.LaserConfig)
+LASER_T_FIX = 0.3
 
 
 def default_model_path() -> Path:

@@ -39,6 +39,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from . import defaults
 from .arch import MoEFamily
 from .arch.families import GptOss, SoftmaxTopK
 from .errors import RQError
@@ -53,8 +54,8 @@ class LaserConfig:
     # top-k mass at or above which a token keeps vanilla routing. Model-dependent (the paper
     # tunes it per model); 0.3 kept perplexity within ~1% on the bundled top-2-of-16 model's
     # calibration set, and ``rq_tool.eval.baselines.tune_laser`` picks one on calibration data.
-    eps_high: float = 0.3
-    t_fix: float = 0.3  # candidate if p >= t_fix * max(p)
+    eps_high: float = defaults.LASER_EPS_HIGH
+    t_fix: float = defaults.LASER_T_FIX  # candidate if p >= t_fix * max(p)
     num_candidates: int | None = None  # C > K
 
     def __post_init__(self):

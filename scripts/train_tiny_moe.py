@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from rq_tool import corpus
+from rq_tool import corpus, defaults
 from rq_tool.eval import perplexity as ev
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "rq_tool" / "assets" / "tiny_moe"
@@ -45,7 +45,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     batch_size: int = 16  # sequences per step, split evenly over the training domains
-    seq_len: int = 256
+    seq_len: int = defaults.HELDOUT_SEQ_LEN  # training windows are the held-out windows
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup: int = 20
@@ -54,9 +54,9 @@ class TrainConfig:
     vocab_size: int = 8192
     tokenizer_chars: int = 2_000_000  # per domain, for BPE training
     train_chars: int = 4_000_000  # per domain, for the token stream the batches are cut from
-    eval_tokens: int = 16384  # per domain
+    eval_tokens: int = defaults.HELDOUT_TOKENS  # per domain
     test_tokens: int = 2048  # per domain, the subset tests/test_tiny_moe.py re-scores
-    eval_batch: int = 8
+    eval_batch: int = defaults.HELDOUT_BATCH_SIZE
 
 
 def model_config(tokenizer):

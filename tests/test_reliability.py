@@ -112,7 +112,7 @@ import json, os, sys, time
 # no thread) before forking: a forked copy of a process with busy worker threads can deadlock
 import rq_tool.cli, rq_tool.rewrite.writer, rq_tool.runtime.hf, rq_tool.report_text, rq_tool.plan
 import bitsandbytes.functional, torch._dynamo, transformers.models.qwen3_moe.modeling_qwen3_moe
-rq_tool.rewrite.writer.rewrite.__kwdefaults__["shard_bytes"] = int(sys.argv[1])  # many small shards
+sys.modules["rq_tool.rewrite.writer"].rewrite.__kwdefaults__["shard_bytes"] = int(sys.argv[1])  # many small shards
 print("@@ ready", flush=True)
 for line in sys.stdin:
     job = json.loads(line)

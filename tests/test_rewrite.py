@@ -9,7 +9,8 @@ from safetensors import safe_open
 import rq_tool
 from rq_tool.calibrate import calibrate
 from rq_tool.lis import lis
-from rq_tool.rewrite import rewrite, verify
+from rq_tool.rewrite import rewrite
+from rq_tool.rewrite.verify import verify
 from rq_tool.runtime import RQExperts, load
 from tiny_models import FAMILIES, save_tiny, write_texts
 

@@ -115,6 +115,18 @@ def load_texts(spec: str) -> tuple[str, list[str]]:
     return spec, _texts_from_dataset(ds, spec)
 
 
+def texts_sha256(texts: list[str]) -> str:
+    """Identity of an ordered list of texts: sha256 over each text's UTF-8 bytes and a NUL after it.
+
+    The profile records it for the calibration set; held-out data with the same hash is refused.
+    """
+    digest = hashlib.sha256()
+    for t in texts:
+        digest.update(t.encode("utf-8", errors="replace"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def pack(texts: list[str], tokenizer, *, num_samples: int, seq_len: int, seed: int, name: str) -> CalibrationData:
     """Shuffle documents with ``seed``, tokenize, join with EOS, pack into ``[N, seq_len]``."""
     texts = [t for t in texts if t and t.strip()]
@@ -122,10 +134,6 @@ def pack(texts: list[str], tokenizer, *, num_samples: int, seq_len: int, seed: i
         raise RQError(f"calibration data {name!r} has no non-empty texts")
     if num_samples < 1 or seq_len < 2:
         raise RQError(f"--num-samples must be >= 1 and --seq-len >= 2 (got {num_samples}, {seq_len})")
-    digest = hashlib.sha256()
-    for t in texts:
-        digest.update(t.encode("utf-8"))
-        digest.update(b"\0")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     sep = tokenizer.eos_token_id
@@ -145,4 +153,4 @@ def pack(texts: list[str], tokenizer, *, num_samples: int, seq_len: int, seed: i
 
         warnings.warn(f"calibration data {name!r} yields {n} sequences of {seq_len} tokens, not {num_samples}")
     input_ids = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
-    return CalibrationData(name=name, sha256=digest.hexdigest(), input_ids=input_ids, num_texts=len(texts))
+    return CalibrationData(name=name, sha256=texts_sha256(texts), input_ids=input_ids, num_texts=len(texts))

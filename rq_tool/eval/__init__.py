@@ -4,11 +4,17 @@
 builds the same-memory baselines table; ``write_report`` draws ``rq report``'s PNGs.
 """
 
-from .baselines import BASELINES, baseline_results, markdown_table, target_checks
-from .compare import compare, score_original, score_rewritten
-from .heldout import HeldOut, load_heldout
-from .report import write_report
-from .run import evaluate
+from .._lazy import lazy_exports
 
-__all__ = ["BASELINES", "HeldOut", "baseline_results", "compare", "evaluate", "load_heldout", "markdown_table",
-           "score_original", "score_rewritten", "target_checks", "write_report"]
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "BASELINES": ".baselines", "baseline_results": ".baselines", "markdown_table": ".baselines",
+    "target_checks": ".baselines",
+    "score_original": ".compare", "score_rewritten": ".compare",
+    "HeldOut": ".heldout", "load_heldout": ".heldout",
+    "write_report": ".report",
+    "evaluate": ".run",
+})
+__all__ = [
+    "BASELINES", "HeldOut", "baseline_results", "evaluate", "load_heldout", "markdown_table", "score_original",
+    "score_rewritten", "target_checks", "write_report",
+]

@@ -9,10 +9,6 @@ import click
 
 from .. import defaults
 from ..errors import RQError
-from ..routing_policy import LaserConfig
-from .heldout import SEQ_LEN, TOKENS_PER_DOMAIN
-
-_LASER = LaserConfig()
 
 
 def _devices(spec: str) -> tuple[int, ...]:
@@ -49,20 +45,20 @@ def _weights(spec: str | None) -> dict[str, float] | None:
 @click.option("--dataset", "-d", "datasets", multiple=True,
               help="Held-out data (file or dataset name), one domain each; repeatable. Default: the bundled "
                    "corpus's held-out split (never the calibration set).")
-@click.option("--max-tokens", default=TOKENS_PER_DOMAIN, show_default=True,
+@click.option("--max-tokens", default=defaults.HELDOUT_TOKENS, show_default=True,
               help="Tokens scored per domain: more is steadier, slower.")
-@click.option("--seq-len", default=SEQ_LEN, show_default=True, help="Tokens per window.")
-@click.option("--batch-size", default=defaults.BATCH_SIZE, show_default=True,
+@click.option("--seq-len", default=defaults.HELDOUT_SEQ_LEN, show_default=True, help="Tokens per window.")
+@click.option("--batch-size", default=defaults.HELDOUT_BATCH_SIZE, show_default=True,
               help="Windows per forward; per-batch LIS is measured on batches of this size from one domain.")
 @click.option("--weights", default=None,
               help="Also pool the held-out domains in these token shares, e.g. code=0.55,math=0.36,prose=0.04,"
                    "docs=0.05 (the traffic the plan was calibrated for); default: equal tokens per domain only.")
-@click.option("--devices", default="2,4,8", show_default=True,
+@click.option("--devices", default=",".join(map(str, defaults.DEVICE_COUNTS)), show_default=True,
               help="Device counts for the simulated expert parallelism.")
 @click.option("--laser", is_flag=True, help="Also score LASER load-aware routing on the original weights.")
-@click.option("--laser-eps-high", default=_LASER.eps_high, show_default=True,
+@click.option("--laser-eps-high", default=defaults.LASER_EPS_HIGH, show_default=True,
               help="LASER: top-k gate mass at or above which a token keeps vanilla routing (higher: reroutes more).")
-@click.option("--laser-t-fix", default=_LASER.t_fix, show_default=True,
+@click.option("--laser-t-fix", default=defaults.LASER_T_FIX, show_default=True,
               help="LASER: candidates need gate prob >= t_fix x the max (lower: more candidates, more damage).")
 @click.option("--laser-candidates", type=int, default=None,
               help="LASER: at most this many candidates (default 2 x top-k).")
@@ -72,6 +68,7 @@ def _weights(spec: str | None) -> dict[str, float] | None:
 def eval_cmd(original, rewritten, datasets, max_tokens, seq_len, batch_size, weights, devices, laser, laser_eps_high,
              laser_t_fix, laser_candidates, out_path, as_json):
     """Compare REWRITTEN with ORIGINAL on held-out data: perplexity, accuracy, LIS, bytes, simulated EP."""
+    from ..routing_policy import LaserConfig
     from .baselines import markdown_table
     from .run import detail_text, evaluate
 

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..corpus import texts_sha256 as _sha
+from .. import defaults
+from ..calibrate.data import texts_sha256 as _sha
 from ..errors import RQError
 from .perplexity import pack_tokens
 
-SEQ_LEN = 256
-TOKENS_PER_DOMAIN = 64 * SEQ_LEN  # 64 windows of 256 tokens per domain (as the bundled model's eval.json)
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ def _pack(tokenizer, texts: list[str], name: str, seq_len: int, max_tokens: int)
         raise RQError(f"held-out data {name!r}: {e}") from None
 
 
-def load_heldout(tokenizer, datasets=(), *, seq_len: int = SEQ_LEN, max_tokens: int = TOKENS_PER_DOMAIN,
+def load_heldout(tokenizer, datasets=(), *, seq_len: int = defaults.HELDOUT_SEQ_LEN, max_tokens: int = defaults.HELDOUT_TOKENS,
                  calibration_sha256: str | None = None) -> HeldOut:
     """Resolve held-out data (see module docstring).
 

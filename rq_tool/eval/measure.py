@@ -57,10 +57,6 @@ class Measure:
         """Slot-level LIS of each layer over all windows pooled: ``P * max slot load / total``."""
         return [float(lis(s)) for s in self.slot_load]
 
-    def expert_lis_layers(self) -> list[float]:
-        """Logical-expert LIS of each layer (what the original model's experts would see)."""
-        return [float(v) for v in lis(self.load)]
-
     @staticmethod
     def pool(parts: list["Measure"], shares: list[float] | None = None) -> "Measure":
         """All windows of ``parts`` together, or (``shares``) a mixture with those token shares.

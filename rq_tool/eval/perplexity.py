@@ -13,10 +13,11 @@ import math
 
 import torch
 
+from .. import defaults
 from ..lis import lis
 
 
-def pack_tokens(tokenizer, texts: list[str], seq_len: int = 256, max_tokens: int | None = None) -> torch.Tensor:
+def pack_tokens(tokenizer, texts: list[str], seq_len: int = defaults.HELDOUT_SEQ_LEN, max_tokens: int | None = None) -> torch.Tensor:
     """Tokenize ``texts`` (EOS after each), pack into ``input_ids [N, seq_len]`` (no padding).
 
     ``N = min(max_tokens, available) // seq_len``; raises ValueError when not one window fits.
@@ -79,9 +80,3 @@ def merge(*scores: dict) -> dict:
     loads = [s["load"] for s in scores if s.get("load") is not None]
     return {"nll_sum": sum(s["nll_sum"] for s in scores), "correct": sum(s["correct"] for s in scores),
             "tokens": sum(s["tokens"] for s in scores), "load": sum(loads) if loads else None}
-
-
-def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256, max_tokens: int | None = 16384,
-               batch_size: int = 8) -> dict:
-    """Held-out perplexity of ``texts``: ``{"ppl", "top1_acc", "tokens"}`` (+ ``lis`` for MoE)."""
-    return summarize(evaluate_ids(model, pack_tokens(tokenizer, texts, seq_len, max_tokens), batch_size))

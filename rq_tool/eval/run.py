@@ -7,12 +7,12 @@ from pathlib import Path
 from .. import defaults
 from ..errors import RQError
 from .compare import compare, score_original, score_rewritten
-from .ep import DEVICE_COUNTS
-from .heldout import SEQ_LEN, TOKENS_PER_DOMAIN, load_heldout
+from .heldout import load_heldout
 
 
-def evaluate(original, rewritten, *, datasets=(), max_tokens: int = TOKENS_PER_DOMAIN, seq_len: int = SEQ_LEN,
-             batch_size: int = defaults.BATCH_SIZE, device_counts=DEVICE_COUNTS, laser=None,
+def evaluate(original, rewritten, *, datasets=(), max_tokens: int = defaults.HELDOUT_TOKENS,
+             seq_len: int = defaults.HELDOUT_SEQ_LEN, batch_size: int = defaults.HELDOUT_BATCH_SIZE,
+             device_counts=defaults.DEVICE_COUNTS, laser=None,
              domain_weights: dict[str, float] | None = None) -> dict:
     """Compare ``rewritten`` (an ``rq rewrite`` output) with ``original`` on held-out data.
 

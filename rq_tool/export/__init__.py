@@ -27,16 +27,23 @@ dicts; ``source`` does the reading and the atomic writing; ``cli`` is the click 
 When to use which output: ``USAGE.md`` beside this file.
 """
 
-from .engines import ENGINES, EngineExport, PlacementPlan, get_engine, plan_placement
-from .location import (balanced_phy2log, check_redundant, engine_default_phy2log, gpu_max_mean, logical_count_map,
-                       physical_to_logical_map, recommend_redundant, valid_redundant)
-from .precision import (ENGINE_WEIGHT_SCHEMES, choose_layer_precision, compressed_tensors_config, expert_target,
-                        precision_summary)
-from .source import ExportSource, read_source
+from .._lazy import lazy_exports
 
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "ENGINES": ".engines", "EngineExport": ".engines", "PlacementPlan": ".engines", "get_engine": ".engines",
+    "plan_placement": ".engines",
+    "balanced_phy2log": ".location", "check_redundant": ".location", "engine_default_phy2log": ".location",
+    "gpu_max_mean": ".location", "logical_count_map": ".location", "physical_to_logical_map": ".location",
+    "recommend_redundant": ".location", "valid_redundant": ".location",
+    "ENGINE_WEIGHT_SCHEMES": ".precision", "choose_layer_precision": ".precision",
+    "compressed_tensors_config": ".precision", "expert_target": ".precision", "plan_layer_precision": ".precision",
+    "precision_summary": ".precision",
+    "ExportSource": ".source", "read_source": ".source",
+})
 __all__ = [
     "ENGINES", "ENGINE_WEIGHT_SCHEMES", "EngineExport", "ExportSource", "PlacementPlan", "balanced_phy2log",
     "check_redundant", "choose_layer_precision", "compressed_tensors_config", "engine_default_phy2log",
-    "expert_target", "get_engine", "gpu_max_mean", "logical_count_map", "physical_to_logical_map", "plan_placement",
-    "precision_summary", "read_source", "recommend_redundant", "valid_redundant",
+    "expert_target", "get_engine", "gpu_max_mean", "logical_count_map", "physical_to_logical_map",
+    "plan_layer_precision", "plan_placement", "precision_summary", "read_source", "recommend_redundant",
+    "valid_redundant",
 ]

@@ -11,8 +11,6 @@ import click
 
 from .. import defaults
 from ..errors import RQError
-from ..quant import QUANT_SCHEMES
-from .engines import ENGINES
 
 _HELP = f"""Export rq's measured expert loads for a serving engine (SGLang, vLLM).
 
@@ -43,7 +41,7 @@ llm-compressor) and put the dict in its config.json."""
 
 @click.command("export", help=_HELP)
 @click.argument("source", metavar="PROFILE_OR_OUT", type=click.Path())
-@click.option("--engine", required=True, type=click.Choice(sorted(ENGINES)), help="The serving engine.")
+@click.option("--engine", required=True, type=click.Choice(sorted(defaults.EXPORT_ENGINES)), help="The serving engine.")
 @click.option("--ep-size", type=int, help="Expert-parallel GPUs N (placement export; required there).")
 @click.option("--redundant", type=int, default=None,
               help="Redundant expert slots R per MoE layer (more: better balance, more memory). "
@@ -119,45 +117,31 @@ def _placement_text(src, engine: str, plan, result, path, logical_count: bool) -
 
 
 def _export_precision(src, eng, budget, model, out, as_json, write_json_atomic) -> None:
-    import torch
-
-    from ..plan import resolve_budget
-    from .precision import choose_layer_precision, compressed_tensors_config, precision_summary
+    from .precision import plan_layer_precision
     from .source import layer_scheme_bytes
 
-    measured = [s for s in QUANT_SCHEMES if s in src.profile.schemes]
+    measured = [s for s in defaults.QUANT_SCHEMES if s in src.profile.schemes]
     if not measured:
         have = ", ".join(src.profile.schemes) or "none"
         raise RQError(f"{src.path}: the profile has no quant_error (measured: {have}); "
                       "re-run rq calibrate without --no-quant-error")
     layer_bytes, names = layer_scheme_bytes(src, model, measured)
-    L, E = len(src.layers), src.num_experts
-    quant_error = torch.cat([torch.zeros(L, E, 1, dtype=torch.float64),
-                             src.profile.quant_error_tensor(names[1:])], dim=-1)  # [L, E, S]
-    output_power = torch.stack([lp.output_power for lp in src.profile.layers])  # [L, E]
-    budget_bytes = resolve_budget(budget, layer_bytes[:1].expand(L), global_=True)
-    choice = choose_layer_precision(quant_error, output_power, layer_bytes, budget_bytes)
-    summary = precision_summary(quant_error, output_power, layer_bytes, choice)
-    rows = [{"layer": layer, "scheme": names[int(c)], "bytes": b, "error": e, "relative_error": r}
-            for layer, c, b, e, r in zip(src.layers, choice, summary["bytes"], summary["error"],
-                                         summary["relative_error"])]
-    config = compressed_tensors_config({row["layer"]: row["scheme"] for row in rows})
+    res = plan_layer_precision(src.profile, src.layers, layer_bytes, names, budget)
+    config, rows, original, budget_bytes = (res["quantization_config"], res["layers"], res["original_bytes"],
+                                            res["budget_bytes"])
     path = write_json_atomic(out, config) if config["config_groups"] else None
-    original = int(layer_bytes[0]) * L
     if as_json:
         click.echo(json.dumps({"format": defaults.EXPORT_FORMAT[0], "version": defaults.EXPORT_FORMAT[1],
                                "engine": eng.name, "source": str(src.path), "out": str(path) if path else None,
-                               "budget_bytes": int(budget_bytes), "original_bytes": original, "layers": rows,
-                               "total_bytes": summary["total_bytes"], "total_error": summary["total_error"],
-                               "quantization_config": config}))
+                               **res}))
         return
     lines = [f"{eng.name}: one scheme per MoE layer within {budget_bytes} bytes "
              f"(--budget {budget}; original {original})",
              f"  {'layer':>5s} {'scheme':>6s} {'bytes':>12s} {'pred error':>11s} {'err/power':>9s}"]
     lines += [f"  {r['layer']:5d} {r['scheme']:>6s} {r['bytes']:12d} {r['error']:11.4g} {r['relative_error']:9.2e}"
               for r in rows]
-    lines.append(f"  total {summary['total_bytes']} bytes ({100.0 * summary['total_bytes'] / original:.1f}% of the "
-                 f"original), predicted error {summary['total_error']:.4g}")
+    lines.append(f"  total {res['total_bytes']} bytes ({100.0 * res['total_bytes'] / original:.1f}% of the "
+                 f"original), predicted error {res['total_error']:.4g}")
     if path is None:
         lines.append("the budget holds every MoE layer unquantized: nothing to quantize, no file written")
     else:

@@ -1,13 +1,13 @@
 """What each serving engine is given: a placement plan, then per engine a file, flags and notes (pure).
 
-Legend: L MoE layers, E logical experts, R redundant slots per layer, P = E + R, N GPUs (EP size),
-H decoder layers.
+Legend: L MoE layers, E logical experts, R redundant slots per layer, P = E + R, G GPUs (EP size),
+D decoder layers.
 
 ``plan_placement`` picks R (given, or rq's recommendation, see ``location.recommend_redundant``)
 and places the slots; an ``Engine`` from ``ENGINES`` turns the plan into what the engine reads:
 
-- ``sglang``: ``--init-expert-location FILE`` with ``{"physical_to_logical_map": [H, P]}`` (used
-  as is), or with ``--logical-count`` ``{"logical_count": [H, E]}`` (SGLang runs its own EPLB on
+- ``sglang``: ``--init-expert-location FILE`` with ``{"physical_to_logical_map": [D, P]}`` (used
+  as is), or with ``--logical-count`` ``{"logical_count": [D, E]}`` (SGLang runs its own EPLB on
   the counts);
 - ``vllm``: no placement file can be loaded yet; the ``--eplb-config`` with rq's R, vLLM then
   starts from identity + round-robin redundancy and learns the load online.
@@ -41,7 +41,7 @@ class PlacementPlan:
     phy2log: torch.Tensor  # [L, P] rq's placement, GPU-major
     engine_default: torch.Tensor  # [L] identity + round-robin redundancy at the same R
     rq: torch.Tensor  # [L] rq's placement
-    identity: torch.Tensor | None  # [L] no redundancy (R = 0); None when E % N != 0
+    identity: torch.Tensor | None  # [L] no redundancy (R = 0); None when E % G != 0
 
     @property
     def num_experts(self) -> int:
@@ -138,13 +138,13 @@ def _vllm(plan: PlacementPlan, out: str | None, logical_count: bool) -> EngineEx
 class Engine:
     name: str
     build: Callable[[PlacementPlan, str | None, bool], EngineExport]
-    placement_file: bool  # whether the engine can load a static placement
 
 
 ENGINES: dict[str, Engine] = {
-    "sglang": Engine("sglang", _sglang, placement_file=True),
-    "vllm": Engine("vllm", _vllm, placement_file=False),
+    "sglang": Engine("sglang", _sglang),
+    "vllm": Engine("vllm", _vllm),
 }
+assert tuple(ENGINES) == defaults.EXPORT_ENGINES, "update defaults.EXPORT_ENGINES (the CLI offers those)"
 
 
 def get_engine(name: str) -> Engine:

@@ -33,11 +33,12 @@ from __future__ import annotations
 import torch
 
 from ..errors import RQError
+from ..quant.schemes import NF4_BLOCKSIZE
 
 # rq scheme -> compressed-tensors weight quantization args (weight-only; activations stay as is)
 ENGINE_WEIGHT_SCHEMES: dict[str, dict] = {
     "int8": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
-    "nf4": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64},
+    "nf4": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": NF4_BLOCKSIZE},
 }
 # compressed-tensors storage format of one weight-only group (int4 and int8 both pack)
 _GROUP_FORMAT = "pack-quantized"
@@ -134,3 +135,29 @@ def compressed_tensors_config(layer_scheme: dict[int, str]) -> dict:
                                               "format": _GROUP_FORMAT}
     return {"quant_method": "compressed-tensors", "format": "mixed-precision", "quantization_status": "compressed",
             "config_groups": groups, "ignore": ["lm_head"]}
+
+
+def plan_layer_precision(profile, layers, layer_bytes: torch.Tensor, names: list[str], budget) -> dict:
+    """``rq export --per-layer-precision`` as one call: the choice, its predicted cost and the config.
+
+    ``profile``: the measured ``Profile``; ``layers [L]`` absolute MoE layer ids; ``layer_bytes
+    [L, S]`` and ``names [S]`` (source scheme first) from ``source.layer_scheme_bytes``; ``budget``
+    a ``--budget`` spec for all MoE layers together. Returns ``{"budget_bytes", "original_bytes",
+    "layers": [{"layer", "scheme", "bytes", "error", "relative_error"}], "total_bytes",
+    "total_error", "quantization_config"}``.
+    """
+    from ..plan import resolve_budget
+
+    L, E = len(layers), profile.num_experts
+    quant_error = torch.cat([torch.zeros(L, E, 1, dtype=torch.float64),
+                             profile.quant_error_tensor(names[1:])], dim=-1)  # [L, E, S]
+    output_power = torch.stack([lp.output_power for lp in profile.layers])  # [L, E]
+    budget_bytes = resolve_budget(budget, layer_bytes[:1].expand(L), global_=True)
+    choice = choose_layer_precision(quant_error, output_power, layer_bytes, budget_bytes)
+    summary = precision_summary(quant_error, output_power, layer_bytes, choice)
+    rows = [{"layer": layer, "scheme": names[int(c)], "bytes": b, "error": e, "relative_error": r}
+            for layer, c, b, e, r in zip(layers, choice, summary["bytes"], summary["error"],
+                                         summary["relative_error"])]
+    return {"budget_bytes": int(budget_bytes), "original_bytes": int(layer_bytes[0]) * L, "layers": rows,
+            "total_bytes": summary["total_bytes"], "total_error": summary["total_error"],
+            "quantization_config": compressed_tensors_config({row["layer"]: row["scheme"] for row in rows})}

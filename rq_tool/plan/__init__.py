@@ -2,17 +2,23 @@
 
 ``make_plan`` is the entry point (strategies by name in ``STRATEGIES``); ``resolve_budget`` turns
 a ``--budget`` spec into bytes; ``placement`` puts physical slots on devices for expert
-parallelism (and holds a reimplementation of DeepSeek EPLB as the reference point).
+parallelism; ``eplb`` reimplements DeepSeek EPLB (``rebalance_experts``) as the reference point.
 """
 
-from .budget import resolve_budget
-from .placement import balanced_packing, device_loads, eplb_rebalance, max_mean, place_slots, replicate_experts
-from .predict import log2phy_from_phy2log, predict_layer
-from .strategies import STRATEGIES, make_plan
-from .types import ERROR_WEIGHTS, PLAN_FORMAT, LayerPlan, Plan, PlanOptions
+from .._lazy import lazy_exports
 
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "resolve_budget": ".budget",
+    "balanced_packing": ".eplb", "rebalance_experts": ".eplb", "replicate_experts": ".eplb",
+    "device_loads": ".placement", "eplb_rebalance": ".placement", "max_mean": ".placement",
+    "place_slots": ".placement",
+    "log2phy_from_phy2log": ".predict", "predict_layer": ".predict",
+    "STRATEGIES": ".strategies", "make_plan": ".strategies",
+    "ERROR_WEIGHTS": ".types", "PLAN_FORMAT": ".types", "LayerPlan": ".types", "Plan": ".types",
+    "PlanOptions": ".types",
+})
 __all__ = [
     "ERROR_WEIGHTS", "PLAN_FORMAT", "STRATEGIES", "LayerPlan", "Plan", "PlanOptions", "balanced_packing",
     "device_loads", "eplb_rebalance", "log2phy_from_phy2log", "make_plan", "max_mean", "place_slots",
-    "predict_layer", "replicate_experts", "resolve_budget",
+    "predict_layer", "rebalance_experts", "replicate_experts", "resolve_budget",
 ]

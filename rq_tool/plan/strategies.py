@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import defaults
 from ..errors import RQError
 from .predict import check_layer, lis_of_counts, predict_layer
 from .types import LayerPlan, Plan, PlanOptions
@@ -365,3 +366,6 @@ def _check_feasible(budget, global_budget: bool, E: int, nbytes, schemes, ids) -
         if b < need:
             raise RQError(f"layer {l}: budget {b} bytes is below the {need} bytes needed to store "
                           f"its {E} experts in {schemes[cheapest]}")
+
+
+assert set(STRATEGIES) == set(defaults.STRATEGIES), "update defaults.STRATEGIES (the CLI offers those)"

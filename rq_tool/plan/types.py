@@ -25,7 +25,7 @@ PLAN_FORMAT = ("rq-plan", 1)
 # What the caller may feed the planner as ``error [L, E, S]`` (it builds the tensor; the planner
 # never special-cases it): the profile's measured quant_error, or error proportional to load (the
 # "frequency-only" baseline: every routed token is assumed to suffer the same damage).
-ERROR_WEIGHTS: tuple[str, ...] = ("quant_error", "frequency")
+ERROR_WEIGHTS: tuple[str, ...] = defaults.IMPORTANCE
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class PlanOptions:
     max_replicas_per_expert: int = defaults.MAX_REPLICAS_PER_EXPERT
     max_slots_factor: float = defaults.MAX_SLOTS_FACTOR
     min_gain: float = defaults.MIN_GAIN
-    error_weight: str = "quant_error"
+    error_weight: str = defaults.IMPORTANCE_DEFAULT
 
     def __post_init__(self):
         if self.max_error is not None and not self.max_error >= 0:
@@ -193,10 +193,6 @@ class Plan:
     @property
     def lis_after(self) -> float:
         return sum(lp.lis_after for lp in self.layers) / len(self.layers) if self.layers else 1.0
-
-    def slot_scheme_names(self, layer_index: int) -> list[str]:
-        """``[P]`` scheme names of the slots of ``self.layers[layer_index]``."""
-        return [self.schemes[i] for i in self.layers[layer_index].slot_scheme.tolist()]
 
     def totals(self) -> dict:
         return {

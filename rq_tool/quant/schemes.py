@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .. import defaults
 from ..errors import RQError
 
 NF4_BLOCKSIZE = 64
@@ -70,7 +71,8 @@ def _int8_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _int8_dequantize(st, shape, dtype):
-    return (st["q"].float() * st["scale"][:, None]).to(dtype)
+    # q [..., out, in] and scale [..., out]: one matrix or a stack of them
+    return (st["q"].float() * st["scale"][..., None]).to(dtype)
 
 
 def _nf4_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -82,22 +84,33 @@ def _nf4_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"q": packed.reshape(-1).contiguous(), "absmax": state.absmax.float().contiguous()}
 
 
+# The 16 NF4 levels (QLoRA's NormalFloat4: quantiles of N(0, 1), create_normal_map(offset=0.9677083)),
+# exactly bitsandbytes' table (tested equal); a constant, so reading nf4 never imports bitsandbytes.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+
 @functools.lru_cache(maxsize=8)
 def nf4_code(device: str = "cpu") -> torch.Tensor:
-    """The 16 NF4 levels ``[16]`` fp32 (bitsandbytes' table)."""
-    return _bnb_functional().get_4bit_type("nf4", device=device).float()
+    """The 16 NF4 levels ``[16]`` fp32 (``NF4_CODE``) on ``device``."""
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
 
 
-def nf4_dequantize_torch(q: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Pure-torch NF4 dequantization: ``q [n/2] uint8``, ``absmax [n/64]`` -> fp32 ``shape``.
+def nf4_dequantize_torch(q: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Pure-torch NF4 dequantization: ``q [n/2] uint8``, ``absmax [n/64]`` -> fp32 ``shape`` (n elements).
 
-    Same numbers as bitsandbytes' ``dequantize_4bit`` (high nibble is the even element).
+    Same numbers as bitsandbytes' ``dequantize_4bit`` (high nibble is the even element). ``q`` and
+    ``absmax`` may have leading dimensions (a stack of matrices, each a whole number of blocks).
     """
     code = nf4_code(str(q.device))
     hi = (q >> 4).long()
     lo = (q & 0x0F).long()
     idx = torch.stack([hi, lo], dim=-1).reshape(-1)
-    vals = code[idx].reshape(-1, NF4_BLOCKSIZE) * absmax.float()[:, None]
+    vals = code[idx].reshape(-1, NF4_BLOCKSIZE) * absmax.float().reshape(-1)[:, None]
     return vals.reshape(shape)
 
 
@@ -116,7 +129,8 @@ SCHEMES: dict[str, Scheme] = {
 }
 
 # Schemes rq offers for quantizing experts (the planner's cheaper options), most precise first.
-QUANT_SCHEMES: tuple[str, ...] = ("int8", "nf4")
+QUANT_SCHEMES: tuple[str, ...] = defaults.QUANT_SCHEMES
+assert tuple(SCHEMES) == defaults.SCHEME_NAMES and set(QUANT_SCHEMES) <= set(SCHEMES), "update defaults.SCHEME_NAMES"
 
 _DTYPE_TO_SCHEME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 

@@ -1,10 +1,11 @@
-"""Streaming rewrite: safetensors in, rewritten model directory out (plus verify)."""
+"""Streaming rewrite: safetensors in, rewritten model directory out (``verify`` checks one).
 
-from .verify import verify
-from .writer import RewriteResult, rewrite
+Exports load lazily (``rq_tool._lazy``); ``rq_tool.rewrite`` itself is the API function
+(``rq_tool.api``). The verify function is ``rq_tool.verify`` (or ``rq_tool.rewrite.verify.verify``:
+the name ``verify`` in this package is its module).
+"""
 
-__all__ = ["RewriteResult", "rewrite", "verify"]
+from .._lazy import lazy_exports
 
-from .._callable import make_callable  # noqa: E402
-
-make_callable(__name__, rewrite)  # rq_tool.rewrite(...) is the API, the package stays importable
+__getattr__, __dir__ = lazy_exports(__name__, {"RewriteResult": ".writer", "rewrite": ".writer"})
+__all__ = ["RewriteResult", "rewrite"]

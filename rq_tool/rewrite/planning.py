@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import torch
 
+from .. import defaults
 from ..calibrate.profile import Profile
 from ..errors import RQError
+from .config import RewriteConfig
 from .layout import ExpertLayout
 
-IMPORTANCE = ("quant_error", "frequency")
 
-
-def plan_inputs(profile: Profile, layout: ExpertLayout, schemes, importance: str = "quant_error"):
+def plan_inputs(profile: Profile, layout: ExpertLayout, schemes, importance: str = defaults.IMPORTANCE_DEFAULT):
     """``(load [L, E] f64, error [L, E, S] f64, scheme_names [S], scheme_bytes [S] i64)``.
 
     ``error`` is relative: quantization damage over the layer's expert output power.
     """
-    if importance not in IMPORTANCE:
-        raise RQError(f"unknown --importance {importance!r}; known: {', '.join(IMPORTANCE)}")
+    if importance not in defaults.IMPORTANCE:
+        raise RQError(f"unknown --importance {importance!r}; known: {', '.join(defaults.IMPORTANCE)}")
     prof_layers = [lp.layer for lp in profile.layers]
     if prof_layers != list(layout.layers):
         raise RQError(f"profile has MoE layers {prof_layers} but the model has {list(layout.layers)}")
@@ -52,19 +52,17 @@ def plan_inputs(profile: Profile, layout: ExpertLayout, schemes, importance: str
     return load, error, names, scheme_bytes
 
 
-def build_plan(profile: Profile, layout: ExpertLayout, *, budget, global_budget: bool, strategy: str, schemes,
-               importance: str = "quant_error", max_error: float | None = None, ep_devices: int | None = None,
-               **option_overrides):
-    from ..plan import PlanOptions, make_plan, resolve_budget
+def build_plan(profile: Profile, layout: ExpertLayout, config: RewriteConfig, **option_overrides):
+    """The plan of ``config`` for this profile and layout (``option_overrides``: other ``PlanOptions`` fields)."""
+    from ..plan import make_plan, resolve_budget
 
-    load, error, names, scheme_bytes = plan_inputs(profile, layout, schemes, importance)
+    load, error, names, scheme_bytes = plan_inputs(profile, layout, config.schemes, config.importance)
     layer_bytes = torch.full((load.shape[0],), layout.num_experts * int(scheme_bytes[0]), dtype=torch.int64)
-    budget_bytes = resolve_budget(budget, layer_bytes, global_budget)
-    options = PlanOptions(strategy=strategy, max_error=max_error, error_weight=importance, **option_overrides)
-    plan = make_plan(load, error, names, scheme_bytes, budget_bytes, options, global_budget=global_budget,
-                     layer_ids=list(layout.layers))
-    if ep_devices:
+    budget_bytes = resolve_budget(config.budget, layer_bytes, config.global_budget)
+    plan = make_plan(load, error, names, scheme_bytes, budget_bytes, config.plan_options(**option_overrides),
+                     global_budget=config.global_budget, layer_ids=list(layout.layers))
+    if config.ep_devices:
         from ..plan.fit import fit_devices
 
-        plan = fit_devices(plan, load, error, ep_devices)
+        plan = fit_devices(plan, load, error, config.ep_devices)
     return plan

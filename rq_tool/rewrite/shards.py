@@ -14,8 +14,6 @@ import torch
 from .. import __version__, defaults
 from ..errors import RQError
 
-INDEX_FILE = "model.safetensors.index.json"
-
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL"}
@@ -100,7 +98,7 @@ class ShardWriter:
             weight_map.update({k: name for k in keys})
         index = {"metadata": {"total_size": self.total_bytes, "format": defaults.SLOT_FORMAT[0],
                               "version": defaults.SLOT_FORMAT[1]}, "weight_map": dict(sorted(weight_map.items()))}
-        write_json(self.dir / INDEX_FILE, index)
+        write_json(self.dir / defaults.INDEX_FILE, index)
         return weight_map
 
 

@@ -6,9 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import defaults
 from ..errors import RQError
-
-INDEX_FILE = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class SafetensorsCheckpoint:
                 self.tensors[key] = TensorInfo(shard, shape, dtype)
 
     def _find_shards(self) -> list[Path]:
-        index = self.path / INDEX_FILE
+        index = self.path / defaults.INDEX_FILE
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -41,7 +40,7 @@ class SafetensorsCheckpoint:
             shards = sorted(set(weight_map.values()))
             for name in shards:
                 if not (self.path / name).is_file():
-                    raise RQError(f"shard {name!r} is listed in {INDEX_FILE} but missing from {self.path}")
+                    raise RQError(f"shard {name!r} is listed in {defaults.INDEX_FILE} but missing from {self.path}")
             return [self.path / n for n in shards]
         shards = sorted(self.path.glob("*.safetensors"))
         if not shards:

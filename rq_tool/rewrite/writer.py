@@ -13,6 +13,7 @@ Order of work (nothing is written before every check passed):
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from dataclasses import dataclass
@@ -27,17 +28,17 @@ from ..calibrate.profile import Profile, config_fingerprint
 from ..errors import RQError
 from ..kernels import SlotWeights
 from ..modelio import load_config, read_config_dict, resolve_model_path
-from ..quant import QUANT_SCHEMES
 from ..runtime.routing_map import LayerMap, RoutingMap
 from .assemble import LayerAssembler
+from .config import RewriteConfig
 from .layout import ExpertLayout, read_layout
 from .planning import build_plan
 from .shards import (ShardWriter, clean_stale_temporaries, publish, temp_dir_for, write_json, write_manifest)
-from .source import INDEX_FILE, SafetensorsCheckpoint
+from .source import SafetensorsCheckpoint
 
 # files copied verbatim from the source directory (tokenizer, generation config, chat template)
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".md")
-_NEVER_COPY = {"config.json", INDEX_FILE, defaults.MANIFEST_FILE, defaults.ROUTING_MAP_FILE, defaults.PROFILE_FILE}
+_NEVER_COPY = {"config.json", defaults.INDEX_FILE, defaults.MANIFEST_FILE, defaults.ROUTING_MAP_FILE, defaults.PROFILE_FILE}
 
 
 @dataclass
@@ -52,29 +53,35 @@ def rewrite(
     model: str | Path | None,
     profile: Profile | str | Path,
     out: str | Path | None,
+    config: RewriteConfig | None = None,
     *,
-    budget: str | float = defaults.BUDGET,
-    global_budget: bool = False,
-    strategy: str = defaults.STRATEGY,
-    schemes=QUANT_SCHEMES,
-    importance: str = "quant_error",
-    max_error: float | None = None,
-    ep_devices: int | None = None,
     force: bool = False,
     dry_run: bool = False,
     progress: bool = True,
     shard_bytes: int = defaults.SHARD_BYTES,
+    **options,
 ) -> RewriteResult:
-    """Plan and (unless ``dry_run``) write the rewritten model to ``out``."""
+    """Plan with ``config`` and (unless ``dry_run``) write the rewritten model to ``out``.
+
+    ``config``: a ``RewriteConfig`` (default: its defaults); ``options``: overrides of its fields
+    (``strategy="paper"``, ``budget=0.9``, ...).
+    """
+    config = config if config is not None else RewriteConfig()
+    if options:
+        try:
+            config = dataclasses.replace(config, **options)
+        except TypeError:
+            known = ", ".join(f.name for f in dataclasses.fields(RewriteConfig))
+            raise RQError(f"unknown rewrite option(s) {', '.join(sorted(options))}; known: {known}") from None
     src = resolve_model_path(model)
     config_dict = read_config_dict(src)
     if "rq" in config_dict:
         raise RQError(f"{src} is already an rq-rewritten model; rewrite the original model")
-    config = load_config(src)
-    family = get_family(config)
+    hf_config = load_config(src)
+    family = get_family(hf_config)
     if not isinstance(profile, Profile):
         profile = Profile.load(profile)
-    profile.check_matches(config, where="profile")
+    profile.check_matches(hf_config, where="profile")
     if out is not None and not dry_run:
         out = Path(out)
         # first, so that a backup left by a killed --force rewrite is back in place before the checks
@@ -86,16 +93,15 @@ def rewrite(
             raise RQError("--out must differ from the source model directory")
     ckpt = SafetensorsCheckpoint(src)
     layout = read_layout(ckpt, family)
-    plan = build_plan(profile, layout, budget=budget, global_budget=global_budget, strategy=strategy,
-                      schemes=schemes, importance=importance, max_error=max_error, ep_devices=ep_devices)
-    rmap = routing_map_from_plan(plan, layout, family.activation(config))
+    plan = build_plan(profile, layout, config)
+    rmap = routing_map_from_plan(plan, layout, family.activation(hf_config))
     if dry_run or out is None:
         return RewriteResult(plan, rmap, None, layout)
 
     tmp = temp_dir_for(out)
     try:
         _stream(ckpt, family, layout, rmap, tmp, shard_bytes, progress)
-        _write_metadata(src, tmp, config_dict, rmap, profile, plan, config)
+        _write_metadata(src, tmp, config_dict, rmap, profile, plan, hf_config)
         write_manifest(tmp)
         publish(tmp, out, force)
     except OSError as e:  # disk full, permissions, ...: one line, nothing left behind

@@ -1,7 +1,10 @@
 """What loads a rewritten model: routing map, RQ experts module, HF remote-code entry."""
 
-from .experts import RQExperts
-from .hf import load
-from .routing_map import LayerMap, RoutingMap
+from .._lazy import lazy_exports
 
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "RQExperts": ".experts",
+    "load": ".hf",
+    "LayerMap": ".routing_map", "RoutingMap": ".routing_map",
+})
 __all__ = ["LayerMap", "RQExperts", "RoutingMap", "load"]

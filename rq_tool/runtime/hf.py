@@ -97,7 +97,7 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
 
 
 def _load_weights(model, path: Path, compute_dtype: torch.dtype) -> None:
-    index = path / "model.safetensors.index.json"
+    index = path / defaults.INDEX_FILE
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     else:

@@ -67,15 +67,6 @@ class RoutingMap:
                 return lm
         raise KeyError(index)
 
-    @property
-    def schemes(self) -> list[str]:
-        seen = []
-        for lm in self.layers:
-            for s in lm.slot_scheme:
-                if s not in seen:
-                    seen.append(s)
-        return seen
-
     def to_dict(self) -> dict:
         return {"format": _FORMAT, "version": _VERSION, "split_policy": self.split_policy,
                 "num_logical_experts": self.num_experts, "source_scheme": self.source_scheme,

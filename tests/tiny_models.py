@@ -35,6 +35,9 @@ GENERIC = dict(intermediate_size=64, moe_intermediate_size=32, shared_expert_int
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
 GENERIC_OVERRIDES = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
+    "beam": dict(mlp_layer_types=["dense", "sparse"]),
+    "flint": dict(mlp_only_layers=[0]),
+    "dots1": dict(n_shared_experts=1),
     "dbrx": dict(d_model=64, n_heads=4, ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2),
                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0), max_seq_len=128),
 }

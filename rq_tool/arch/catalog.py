@@ -2,7 +2,8 @@
 
 One source for ``rq families`` and the README's family list: a model_type is an MoE causal LM
 when transformers has a causal-LM class for it and its default config counts experts
-(``num_experts``, ``num_local_experts``, ``n_routed_experts``, ``ffn_config.moe_num_experts``, ...).
+(``num_experts``, ``num_local_experts``, ``n_routed_experts``, ``ffn_config.moe_num_experts``, ...) or has
+such a field (Hunyuan's default counts 1 expert).
 Each is then judged by the structural adapter on its default config, built on the meta device
 (no weights, a few seconds for all of them).
 """
@@ -41,9 +42,17 @@ def moe_causal_lm_types() -> list[str]:
                 config = CONFIG_MAPPING[mt]()
         except Exception:  # a default config that does not validate on its own
             continue
-        if _expert_counts(config):
+        if _expert_counts(config) or _has_count_field(config.to_dict()):
             out.append(mt)
     return out
+
+
+_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
+
+
+def _has_count_field(d: dict) -> bool:
+    """An expert-count field, whatever its default (Hunyuan defaults to 1 expert, dots1 to None)."""
+    return any(k in _COUNT_FIELDS or (isinstance(v, dict) and _has_count_field(v)) for k, v in d.items())
 
 
 def family_status(model_type: str, config=None) -> FamilyStatus:

@@ -137,3 +137,41 @@ def test_family_calibrate_rewrite_generate(rewritten, model_type, one_thread):
     out = gen("alpha beta", max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert out.startswith("alpha beta")
     assert sum(isinstance(m, RQExperts) for m in gen.model.modules()) == len(prof.layers)
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu", "gelu_pytorch_tanh"])
+def test_activation_read_from_the_model(act):
+    assert get_family(tiny_config("qwen3_moe", hidden_act=act)).activation() == f"glu:{act}"
+
+
+def test_layouts_read_from_the_model():
+    gpt = get_family(tiny_config("gpt_oss"))
+    assert (gpt.layout.transposed, gpt.layout.interleaved, gpt.layout.has_bias) == (True, True, True)
+    aria = get_family(tiny_config("aria_text"))
+    assert aria.layout.transposed and not aria.layout.interleaved
+    # the clamped SwiGLU of gpt-oss on concatenated halves (MiniMax-M3-VL) is found by its numbers
+    assert get_family(tiny_config("minimax_m3_vl_text")).activation().startswith("gptoss:")
+    # on-disk names come from transformers' conversion mapping, not from rq
+    mix = get_family(tiny_config("mixtral"))
+    ek = mix.parse_expert_key("model.layers.1.block_sparse_moe.experts.3.w3.weight")
+    assert (ek.layer, ek.role, ek.expert, ek.block_prefix) == (1, "up", 3, "model.layers.1.mlp")
+    assert mix.runtime_key("model.layers.0.block_sparse_moe.gate.weight") == "model.layers.0.mlp.gate.weight"
+    gran = get_family(tiny_config("granitemoe"))
+    ek = gran.parse_expert_key("model.layers.0.block_sparse_moe.input_linear.weight")
+    assert (ek.role, ek.expert) == ("gate_up", None)
+    q = get_family(tiny_config("qwen3_moe")).parse_expert_key("model.layers.0.mlp.experts.2.down_proj.weight_scale_inv")
+    assert (q.role, q.expert, q.tensor, q.quantized_part) == ("down", 2, "weight_scale_inv", True)
+
+
+def test_family_table_and_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from rq_tool.arch.catalog import family_table
+    from rq_tool.cli import main
+
+    table = family_table([family_status("qwen3_moe", tiny_config("qwen3_moe")),
+                          family_status("jetmoe", STATUS["jetmoe"][0])])
+    assert "1 of 2" in table and "| `qwen3_moe` |" in table and "| `jetmoe` |" in table
+    save_tiny("olmoe", tmp_path / "m")
+    r = CliRunner().invoke(main, ["families", str(tmp_path / "m"), "--json"])
+    assert r.exit_code == 0 and '"supported": true' in r.output and '"model_type": "olmoe"' in r.output

@@ -192,6 +192,31 @@ def verify(out):
                "the routing map planned (rq_tool.load gives the planned model)")
 
 
+@main.command()
+@click.argument("model", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the statuses as JSON instead of a Markdown table.")
+def families(model, as_json):
+    """List every MoE causal-LM family of the installed transformers and whether rq supports it.
+
+    With MODEL (a local model directory), judge that model's own config instead.
+    """
+    from dataclasses import asdict
+
+    from .arch.catalog import family_status, family_table, moe_causal_lm_types
+
+    if model is not None:
+        from .modelio import read_config_dict, resolve_model_path
+
+        d = read_config_dict(resolve_model_path(model))
+        statuses = [family_status(d["model_type"], d)]
+    else:
+        statuses = [family_status(mt) for mt in moe_causal_lm_types()]
+    if as_json:
+        click.echo(json.dumps([asdict(s) for s in statuses], indent=2))
+    else:
+        click.echo(family_table(statuses))
+
+
 def _register_stage_commands() -> None:
     from .eval.cli import eval_cmd, report
     from .export.cli import export

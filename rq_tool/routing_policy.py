@@ -41,8 +41,7 @@ from torch import nn
 
 from . import defaults
 from .arch import MoEFamily
-from .arch.base import SoftmaxTopK
-from .arch.families import GptOss
+from .arch.families import GptOss, SoftmaxTopK
 from .errors import RQError
 
 

@@ -141,8 +141,8 @@ CASES = [
      lambda m, o, x, b: _calibrate(m, o, b / "t.jsonl"), ["'llama'", "dense"]),
     ("dense-qwen2", dense("qwen2"), None,
      lambda m, o, x, b: ["rewrite", m, "-p", b / "p.json", "-o", o / "out"], ["'qwen2'", "dense"]),
-    ("unsupported-jamba", lambda b, t: copy_src(b, t, set_model_type("jamba")), None,
-     lambda m, o, x, b: _calibrate(m, o, b / "t.jsonl"), ["'jamba'", "not support"]),
+    ("unsupported-jetmoe", lambda b, t: copy_src(b, t, set_model_type("jetmoe")), None,
+     lambda m, o, x, b: _calibrate(m, o, b / "t.jsonl"), ["'jetmoe'", "MoE model rq cannot rewrite"]),
     ("made-up-model-type", lambda b, t: copy_src(b, t, set_model_type("zorg_moe")), None,
      lambda m, o, x, b: ["rewrite", m, "-p", b / "p.json", "-o", o / "out"], ["'zorg_moe'", "not support"]),
     ("only-pickle-weights", lambda b, t: copy_src(b, t, lambda d: (d / "model.safetensors").rename(

@@ -43,16 +43,15 @@ def test_calibrate_rewrite_verify(work):
     assert r.exit_code == 0, r.output
 
 
-@pytest.mark.parametrize("model_type,needle", [("llama", "dense"), ("jamba", "not support")])
+@pytest.mark.parametrize("model_type,needle", [("llama", "dense"), ("jetmoe", "MoE model rq cannot rewrite")])
 def test_unsupported_models_one_line(work, tmp_path, model_type, needle):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kw = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
               intermediate_size=32)
-    if model_type == "jamba":
-        kw.update(num_experts=4, num_experts_per_tok=2, expert_layer_period=1, expert_layer_offset=0,
-                  attn_layer_period=1, attn_layer_offset=0, use_mamba_kernels=False)
+    if model_type == "jetmoe":  # an MoE whose experts are not one fused module (mixture of attention + MLP)
+        kw.update(num_local_experts=4, num_experts_per_tok=2, kv_channels=16)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw)).save_pretrained(tmp_path / "m")
     r = CliRunner().invoke(main, ["calibrate", str(tmp_path / "m")])

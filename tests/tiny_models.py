@@ -26,12 +26,48 @@ FAMILY_KWARGS = {
 }
 FAMILIES = tuple(FAMILY_KWARGS)
 
+# Every other MoE causal-LM family: generic tiny sizes (set only where the config has the field),
+# plus the few per-family settings a tiny model needs (2 layers, at least one attention layer).
+GENERIC = dict(intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48, head_dim=16,
+               num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=0, kv_lora_rank=16,
+               q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, decoder_sparse_step=1,
+               moe_layer_freq=1, expert_layer_period=1, expert_layer_offset=0)
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
+GENERIC_OVERRIDES = {
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
+    "beam": dict(mlp_layer_types=["dense", "sparse"]),
+    "flint": dict(mlp_only_layers=[0]),
+    "dots1": dict(n_shared_experts=1),
+    "dbrx": dict(d_model=64, n_heads=4, ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2),
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0), max_seq_len=128),
+}
+
+
+def _generic_kwargs(model_type: str) -> dict:
+    import inspect
+
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    fields = set(inspect.signature(cls.__init__).parameters) | set(getattr(cls, "__dataclass_fields__", {}))
+    kw = {k: v for k, v in GENERIC.items() if k in fields}
+    kw.update({k: 8 for k in EXPERT_COUNT_FIELDS if k in fields})
+    if "kv_lora_rank" in fields:  # multi-head latent attention: as many kv heads as heads
+        kw["num_key_value_heads"] = BASE["num_attention_heads"]
+    return {**kw, **GENERIC_OVERRIDES.get(model_type, {})}
+
 
 def tiny_config(model_type: str, **overrides):
     from transformers import AutoConfig
 
-    kw = {**BASE, **FAMILY_KWARGS[model_type], **overrides}
-    return AutoConfig.for_model(model_type, **kw)
+    if model_type in FAMILY_KWARGS:
+        return AutoConfig.for_model(model_type, **{**BASE, **FAMILY_KWARGS[model_type], **overrides})
+    config = AutoConfig.for_model(model_type, **{**BASE, **_generic_kwargs(model_type), **overrides})
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list) and types and all("linear" in str(t) or "mamba" in str(t) for t in types) and \
+            "layer_types" not in overrides:  # hybrids: make the last layer full attention (caches need one)
+        config.layer_types = [*types[:-1], "full_attention"]
+    return config
 
 
 def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, **overrides):

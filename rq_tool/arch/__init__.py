@@ -5,9 +5,8 @@ from .._lazy import lazy_exports
 __getattr__, __dir__ = lazy_exports(__name__, {
     "activation_fn": ".activation", "expert_forward": ".activation",
     "ExpertKey": ".base", "MoEFamily": ".base",
-    "FAMILIES": ".families", "get_family": ".families", "supported_model_types": ".families",
+    "FAMILY_CLASSES": ".families", "StructuralFamily": ".families", "get_family": ".families",
 })
 __all__ = [
-    "FAMILIES", "ExpertKey", "MoEFamily", "activation_fn", "expert_forward", "get_family",
-    "supported_model_types",
+    "FAMILY_CLASSES", "ExpertKey", "MoEFamily", "StructuralFamily", "activation_fn", "expert_forward", "get_family",
 ]

@@ -1,35 +1,60 @@
-"""What rq needs to know about one MoE family in transformers 5.x.
+"""What rq needs to know about one MoE family: the adapter interface every reader relies on.
 
 Legend: T tokens, K top-k, E logical experts, H hidden, I expert intermediate size.
 
-Every supported family keeps a sparse block per decoder layer (``layer.mlp``) holding a router
-(``gate`` or ``router``), a fused experts module (``experts``, called as
-``experts(hidden [T, H], top_k_index [T, K], top_k_weights [T, K])``) and possibly shared experts.
 rq works on a *canonical* per-expert form, identical for all families:
 
     gate_up [E, 2I, H]  (rows 0..I-1 = gate, I..2I-1 = up; nn.Linear layout)
     down    [E, H, I]
     gate_up_bias [E, 2I], down_bias [E, H]   (only families with expert biases)
 
-and an activation spec (see ``activation.py``). Families differ in how routers turn logits into
-top-k, in the runtime tensor layout (gpt-oss: transposed, interleaved gate/up, biases) and in
-the checkpoint key names on disk.
+and an activation spec (``activation.py``). An adapter (``MoEFamily``) maps a model and its
+checkpoint onto that form. Most families need no code: ``StructuralFamily`` (``families.py``)
+reads the MoE blocks from the model itself (``structure.py``) and the on-disk key names from
+transformers' conversion mapping (``keys.py``). Subclasses exist only where routing or layout
+truly differ (see ``families.py``).
+
+The interface (stable; rewrite, calibration and runtime code call only these):
+
+model side (on a loaded CausalLM)
+    ``moe_blocks(model) -> [(layer, block)]``   absolute decoder-layer index and the MoE block;
+                                                ``block.experts`` is the routed experts module,
+                                                called ``experts(hidden [T, H], top_k_index [T, K],
+                                                top_k_weights [T, K])`` (hidden may be ``[B, S, H]``)
+    ``router(block)``, ``shared_modules(block)``, ``top_k(router)``
+    ``canonical_experts(experts) -> {gate_up, down[, gate_up_bias, down_bias]}``  canonical views
+    ``activation(config) -> str``               the expert activation spec
+    ``route(router, logits [T, E]) -> (ids [T, K], weights [T, K])``  the routing rule, where rq
+                                                models it (LASER, tests); RQError otherwise.
+                                                Calibration never needs it: it records what the
+                                                model's own router chose.
+
+checkpoint side (safetensors keys, no model needed by the caller)
+    ``parse_expert_key(key) -> ExpertKey | None``   a routed-expert tensor, or None for any other
+    ``canonical_expert_tensor(role, t) -> t``       one per-expert on-disk tensor (``expert`` set)
+                                                    -> canonical orientation (gate/up ``[I, H]``,
+                                                    gate_up ``[2I, H]``, down ``[H, I]``)
+    ``canonical_from_fused(role, t) -> dict``        a fused on-disk tensor ``[E, ...]`` ->
+                                                    canonical entries (e.g. ``{"gate_up": ...}``)
+    ``runtime_key(key) -> str``                     a non-expert on-disk key -> the runtime
+                                                    state-dict key (idempotent on runtime keys;
+                                                    ``runtime_key(ek.block_prefix + ".experts.")``
+                                                    is the runtime prefix of a layer's experts)
+    ``has_expert_bias``                             the experts carry biases
+
+``ExpertKey.tensor`` is ``"weight"`` / ``"bias"`` for plain tensors, or the suffix of a
+quantization side tensor (``"weight_scale_inv"`` for FP8 block scales, ``"blocks"`` / ``"scales"``
+for MXFP4): readers that do not dequantize must refuse keys whose tensor is neither.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-# A checkpoint key of a routed expert tensor, per-expert (most families) or fused (gpt-oss):
-#   model.layers.3.mlp.experts.5.gate_proj.weight      model.layers.3.mlp.experts.gate_up_proj
-_EXPERT_KEY = re.compile(
-    r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>[A-Za-z_]+))\.experts\."
-    r"(?:(?P<expert>\d+)\.(?P<part>[A-Za-z0-9_]+)\.(?P<kind>weight|bias)|(?P<fused>[A-Za-z_]+))$"
-)
+from ..errors import RQError
 
 
 @dataclass(frozen=True)
@@ -37,105 +62,55 @@ class ExpertKey:
     """A parsed checkpoint key of a routed expert tensor."""
 
     layer: int
-    role: str  # gate | up | down | gate_up | gate_up_bias | down_bias
+    role: str  # gate | up | down | gate_up | gate_bias | up_bias | gate_up_bias | down_bias
     expert: int | None  # None for fused [E, ...] tensors
-    block_prefix: str  # e.g. "model.layers.3.mlp" as found on disk
+    block_prefix: str  # runtime path of the MoE block, e.g. "model.layers.3.mlp"
+    tensor: str = "weight"  # weight | bias | a quantization side tensor (weight_scale_inv, blocks, scales)
+
+    @property
+    def quantized_part(self) -> bool:
+        """A quantization side tensor (scales, packed blocks), not a plain weight or bias."""
+        return self.tensor not in ("weight", "bias")
 
 
-@dataclass(frozen=True)
 class MoEFamily:
-    """Adapter for one MoE family. Subclasses override ``route`` and layout hooks."""
+    """Adapter interface (see module docstring); ``StructuralFamily`` implements it for most families."""
 
-    name: str
-    model_types: tuple[str, ...]
-    router_attr: str = "gate"
-    shared_attrs: tuple[str, ...] = ()
-    # per-expert on-disk part names -> canonical role
-    disk_parts: dict[str, str] = field(default_factory=lambda: {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"})
-    # on-disk substring -> runtime substring for non-expert keys (transformers' WeightRenaming)
-    disk_renames: tuple[tuple[str, str], ...] = ()
+    name: str = "?"
     has_expert_bias: bool = False
 
-    # ---------------------------------------------------------------- model structure
+    # ------------------------------------------------------------------ model side
     def moe_blocks(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
-        """``[(absolute layer index, sparse block)]`` for every MoE layer of a CausalLM."""
-        layers = _decoder_layers(model)
-        out = []
-        for i, layer in enumerate(layers):
-            block = getattr(layer, "mlp", None)
-            if block is not None and hasattr(block, "experts") and hasattr(block, self.router_attr):
-                out.append((i, block))
-        return out
+        raise NotImplementedError
 
     def router(self, block: nn.Module) -> nn.Module:
-        return getattr(block, self.router_attr)
+        raise NotImplementedError
 
     def shared_modules(self, block: nn.Module) -> list[nn.Module]:
-        return [getattr(block, a) for a in self.shared_attrs if getattr(block, a, None) is not None]
+        return []
 
     def top_k(self, router: nn.Module) -> int:
         return int(router.top_k)
 
-    # ---------------------------------------------------------------- routing rule
     def route(self, router: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The family's rule: ``logits [T, E]`` -> ``(top_k_index [T, K], top_k_weights [T, K])``."""
+        raise RQError(f"the routing rule of {self.name} is not modelled by rq (calibration records the router's "
+                      "own choices; LASER and routing-rule checks need it)")
+
+    def activation(self, config) -> str:
         raise NotImplementedError
 
-    # ---------------------------------------------------------------- expert layout
-    def activation(self, config) -> str:
-        return f"glu:{config.hidden_act}"
-
     def canonical_experts(self, experts: nn.Module) -> dict[str, torch.Tensor]:
-        """Runtime experts module -> canonical tensors (see module docstring); views when possible."""
-        return {"gate_up": experts.gate_up_proj, "down": experts.down_proj}
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ checkpoint side
+    def parse_expert_key(self, key: str) -> ExpertKey | None:
+        raise NotImplementedError
+
+    def canonical_expert_tensor(self, role: str, t: torch.Tensor) -> torch.Tensor:
+        return t
 
     def canonical_from_fused(self, role: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A fused on-disk tensor ``[E, ...]`` -> canonical entries (same convention as runtime)."""
-        if role in ("gate_up", "down"):
-            return {role: t}
-        raise ValueError(f"{self.name}: unexpected fused expert tensor {role}")
-
-    # ---------------------------------------------------------------- checkpoint keys
-    def parse_expert_key(self, key: str) -> ExpertKey | None:
-        """Classify an on-disk key: a routed expert tensor -> ExpertKey, anything else -> None."""
-        m = _EXPERT_KEY.match(key)
-        if not m:
-            return None
-        layer = int(m["layer"])
-        if m["fused"] is not None:
-            role = {"gate_up_proj": "gate_up", "down_proj": "down", "gate_up_proj_bias": "gate_up_bias",
-                    "down_proj_bias": "down_bias"}.get(m["fused"])
-            return None if role is None else ExpertKey(layer, role, None, m["prefix"])
-        role = self.disk_parts.get(m["part"])
-        if role is None:
-            return None
-        if m["kind"] == "bias":
-            role = f"{role}_bias"
-        return ExpertKey(layer, role, int(m["expert"]), m["prefix"])
+        raise NotImplementedError
 
     def runtime_key(self, disk_key: str) -> str:
-        """On-disk non-expert key -> the runtime module's state-dict key."""
-        for old, new in self.disk_renames:
-            disk_key = disk_key.replace(old, new)
         return disk_key
-
-
-class SoftmaxTopK(MoEFamily):
-    """softmax over all experts -> top-k -> optional renormalisation (Mixtral, Qwen, OLMoE)."""
-
-    always_normalize: bool = False
-
-    def route(self, router, logits):
-        probs = torch.softmax(logits.float(), dim=-1)
-        weights, ids = torch.topk(probs, self.top_k(router), dim=-1)
-        if self.always_normalize or getattr(router, "norm_topk_prob", False):
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return ids, weights
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise AttributeError("model has no .model.layers")
-    return layers

@@ -40,8 +40,14 @@ _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "rq", "auto_ma
 def config_fingerprint(config) -> str:
     """sha256 of a model config's identity (volatile keys removed), as a hex string."""
     d = config if isinstance(config, dict) else config.to_dict()
-    d = {k: v for k, v in d.items() if k not in _VOLATILE_CONFIG_KEYS}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_identity(d), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _identity(d):
+    """Volatile keys removed at every level (sub-configs such as DBRX's ffn_config carry a dtype too)."""
+    if isinstance(d, dict):
+        return {k: _identity(v) for k, v in d.items() if k not in _VOLATILE_CONFIG_KEYS}
+    return d
 
 
 @dataclass

@@ -142,6 +142,10 @@ class ExpertRecorder:
         recorder = self
 
         def forward(module, hidden_states, top_k_index, top_k_weights):
+            shape = hidden_states.shape  # [T, H], or [B, S, H] where the family passes it unflattened (DBRX)
+            hidden_states = hidden_states.reshape(-1, shape[-1])
+            top_k_index, top_k_weights = top_k_index.reshape(-1, top_k_index.shape[-1]), top_k_weights.reshape(
+                -1, top_k_weights.shape[-1])
             weights, quantized, f32 = weights_fn(module)
             bias_up, bias_down = weights.get("gate_up_bias"), weights.get("down_bias")
             T, K = top_k_index.shape
@@ -182,7 +186,7 @@ class ExpertRecorder:
                 st.output_power += zeros.scatter_add(0, ids, wd.square() * ny.square()).cpu()
             out = torch.zeros_like(hidden_states)
             out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))  # same promotion as eager
-            return out
+            return out.view(shape)
 
         return forward
 

@@ -29,10 +29,13 @@ class LayerAssembler:
 
     def add(self, key: str, ek: ExpertKey, tensor: torch.Tensor) -> None:
         self.pending.discard(key)
+        if ek.quantized_part:
+            raise RQError(f"layer {self.layer}: {key} is a quantized expert tensor ({ek.tensor}); rq reads "
+                          "F32/BF16/F16 expert weights only")
         if ek.expert is None:
             self.fused.update(self.family.canonical_from_fused(ek.role, tensor))
         else:
-            self.per_expert.setdefault(ek.role, {})[ek.expert] = tensor
+            self.per_expert.setdefault(ek.role, {})[ek.expert] = self.family.canonical_expert_tensor(ek.role, tensor)
 
     def canonical(self) -> dict[str, torch.Tensor]:
         if self.pending:
@@ -46,6 +49,8 @@ class LayerAssembler:
                 raise RQError(f"layer {self.layer}: expert {role} tensors incomplete on disk")
             return torch.stack([parts[e] for e in range(self.E)])
 
+        if "gate" in out and "up" in out:  # fused gate and up tensors (DBRX)
+            out["gate_up"] = torch.cat([out.pop("gate"), out.pop("up")], dim=1)
         if "gate" in pe and "up" in pe:
             out["gate_up"] = torch.cat([stack("gate"), stack("up")], dim=1)
         elif "gate_up" in pe:

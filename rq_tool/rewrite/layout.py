@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import torch
+
 from ..arch import MoEFamily
 from ..checkpoint import DTYPES, FLOAT_DTYPES
 from ..errors import RQError
@@ -41,16 +43,20 @@ def read_layout(ckpt: SafetensorsCheckpoint, family: MoEFamily) -> ExpertLayout:
         ek = family.parse_expert_key(key)
         if ek is None:
             continue
+        if ek.quantized_part:
+            raise RQError(f"{ckpt.path}: {key} is a quantized expert tensor ({ek.tensor}); rq reads F32/BF16/F16 "
+                          "expert weights only")
         rec = per_layer[ek.layer]
         prefixes[ek.layer] = ek.block_prefix
         rec["roles"].add(ek.role)
         dtypes.add(info.dtype)
-        if ek.expert is None:
-            rec["fused_E"] = info.shape[0]
-            dims.setdefault(f"fused_{ek.role}", info.shape[1:])
+        if ek.expert is None:  # canonical shape from the family (transposed, interleaved, flattened layouts)
+            canon = next(iter(family.canonical_from_fused(ek.role, torch.empty(info.shape, device="meta")).values()))
+            rec["fused_E"] = canon.shape[0]
+            dims.setdefault(f"fused_{ek.role}", tuple(canon.shape[1:]))
         else:
             rec["experts"].add(ek.expert)
-            dims.setdefault(ek.role, info.shape)
+            dims.setdefault(ek.role, tuple(family.canonical_expert_tensor(ek.role, _meta(info.shape)[0]).shape))
     if not per_layer:
         raise RQError(f"{ckpt.path}: no routed-expert tensors found for family {family.name!r}")
     if len(dtypes) != 1 or next(iter(dtypes)) not in FLOAT_DTYPES:
@@ -61,10 +67,11 @@ def read_layout(ckpt: SafetensorsCheckpoint, family: MoEFamily) -> ExpertLayout:
         if counts[layer] != E or (r["fused_E"] is None and r["experts"] != set(range(E))):
             raise RQError(f"{ckpt.path}: layer {layer} has {counts[layer]} experts on disk, other layers {E} "
                           "(a shard may be missing)")
-    if "fused_gate_up" in dims:  # gpt-oss style [E, H, 2I] (transposed) or [E, 2I, H]
-        shape = dims["fused_gate_up"]
-        canon = family.canonical_from_fused("gate_up", _meta(shape))["gate_up"].shape[1:]
-        two_i, H = canon
+    if "fused_gate_up" in dims:
+        two_i, H = dims["fused_gate_up"]
+    elif "fused_gate" in dims:
+        I_, H = dims["fused_gate"]
+        two_i = 2 * I_
     elif "gate_up" in dims:
         two_i, H = dims["gate_up"]
     elif "gate" in dims:
@@ -79,6 +86,4 @@ def read_layout(ckpt: SafetensorsCheckpoint, family: MoEFamily) -> ExpertLayout:
 
 
 def _meta(shape):
-    import torch
-
     return torch.empty((1, *shape), device="meta")

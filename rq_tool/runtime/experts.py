@@ -91,10 +91,12 @@ class RQExperts(nn.Module):
                            self.intermediate_size, self.act, self.gate_up_bias, self.down_bias)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        shape = hidden_states.shape  # [T, H], or [B, S, H] where the family passes it unflattened (DBRX)
         dispatch = replica_dispatch(top_k_index, self.log2phy, self.logcnt, self.num_slots)
         if self.count_load:
             self.slot_load += dispatch.slot_counts.to(self.slot_load.device)
-        return moe_experts(hidden_states, top_k_weights, dispatch, self.slot_weights())
+        out = moe_experts(hidden_states.reshape(-1, shape[-1]), top_k_weights, dispatch, self.slot_weights())
+        return out.view(shape)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, experts={self.num_experts}, slots={self.num_slots}, schemes={self.schemes}"

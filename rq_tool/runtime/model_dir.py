@@ -64,14 +64,13 @@ _NOT_BASE_KEYS = ("model_type", "auto_map", "architectures")
 def base_config(d: dict):
     """The base family's transformers config of a rewritten config.json (``rq`` and ``auto_map`` kept
     as attributes); RQError if transformers refuses its values."""
-    from transformers import CONFIG_MAPPING
-
     from ..arch import get_family
+    from ..arch.families import config_from_dict
 
     base_type = get(d["rq"], "base_model_type", "config.json", "rq")
     get_family(base_type)
     try:
-        cfg = CONFIG_MAPPING[base_type].from_dict({k: v for k, v in d.items() if k not in _NOT_BASE_KEYS})
+        cfg = config_from_dict(base_type, {k: v for k, v in d.items() if k not in _NOT_BASE_KEYS})
     except Exception as e:  # transformers validates values in its own ways
         raise RQError(f"config.json: transformers cannot read this {base_type} config ({type(e).__name__}: "
                       f"{str(e)[:160]})") from None

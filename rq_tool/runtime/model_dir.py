@@ -64,11 +64,13 @@ _NOT_BASE_KEYS = ("model_type", "auto_map", "architectures")
 def base_config(d: dict):
     """The base family's transformers config of a rewritten config.json (``rq`` and ``auto_map`` kept
     as attributes); RQError if transformers refuses its values."""
-    from ..arch import get_family
+    from transformers import CONFIG_MAPPING
+
     from ..arch.families import config_from_dict
 
     base_type = get(d["rq"], "base_model_type", "config.json", "rq")
-    get_family(base_type)
+    if base_type not in CONFIG_MAPPING:  # the family itself is checked on the built config by the loader
+        raise RQError(f"config.json: rq.base_model_type {base_type!r} is not known to the installed transformers")
     try:
         cfg = config_from_dict(base_type, {k: v for k, v in d.items() if k not in _NOT_BASE_KEYS})
     except Exception as e:  # transformers validates values in its own ways

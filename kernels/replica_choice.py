@@ -27,7 +27,7 @@ from rq_tool import defaults
 from .backend import resolve_impl
 from .split import assign_slots, load_aware_split, occurrence_ranks
 
-_KERNEL_POLICY = {defaults.SPLIT_POLICY: "round-robin", defaults.LOAD_AWARE_POLICY: "load-aware"}
+KERNEL_POLICY = {defaults.SPLIT_POLICY: "round-robin", defaults.LOAD_AWARE_POLICY: "load-aware"}
 
 
 def window_quota(slot_counts: torch.Tensor, log2phy: torch.Tensor, counts_before: torch.Tensor,
@@ -54,8 +54,8 @@ def choose_slots(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Te
     ``num_devices``. ``counts_before [E]`` / ``step_counts [E]`` (int64): this rank's position in
     an expert-parallel step; both None in a single process (the batch is the step).
     """
-    if policy not in _KERNEL_POLICY:
-        raise ValueError(f"unknown split policy {policy!r}; choose one of {', '.join(_KERNEL_POLICY)}")
+    if policy not in KERNEL_POLICY:
+        raise ValueError(f"unknown split policy {policy!r}; choose one of {', '.join(KERNEL_POLICY)}")
     E = log2phy.shape[0]
     flat = topk_ids.reshape(-1).long()
     single = counts_before is None

@@ -195,15 +195,12 @@ class ExpertParallel:
         from transformers import PreTrainedModel
         from transformers.distributed import DistributedConfig
 
-        if distributed_config is None:
-            world = int(os.environ.get("WORLD_SIZE", ep_size))
-            distributed_config = DistributedConfig(ep_size=ep_size, fsdp_size=world,
-                                                   ep_implementation=EP_IMPLEMENTATION)
-        elif isinstance(distributed_config, dict):
+        world = int(os.environ.get("WORLD_SIZE", "0"))
+        if isinstance(distributed_config, dict):
             distributed_config = DistributedConfig.from_dict(distributed_config)
-        if ep_size is not None and distributed_config.ep_size != ep_size:
-            raise RQError(f"ep_size={ep_size} disagrees with distributed_config.ep_size={distributed_config.ep_size}")
-        G = distributed_config.ep_size
+        G = distributed_config.ep_size if distributed_config is not None else ep_size
+        if ep_size is not None and G != ep_size:
+            raise RQError(f"ep_size={ep_size} disagrees with distributed_config.ep_size={G}")
         if rmap.num_devices is None:
             raise RQError(f"{where}: the routing map has no device placement, so it cannot run expert-parallel",
                           hint=f"rewrite with a placement for {G} devices (rq rewrite --ep-size {G})")
@@ -212,14 +209,17 @@ class ExpertParallel:
                           hint=f"run with ep_size={rmap.num_devices}, or rewrite with --ep-size {G}")
         if G < 2:
             raise RQError(f"ep_size must be at least 2 for expert parallelism, got {G}")
+        if distributed_config is None:
+            if world < G or world % G:
+                raise RQError(f"{where}: ep_size={G} needs {G} processes (or a multiple), this run has "
+                              f"WORLD_SIZE={world or 'unset'}", hint=f"launch with torchrun --nproc-per-node {G}")
+            distributed_config = DistributedConfig(ep_size=G, fsdp_size=world, ep_implementation=EP_IMPLEMENTATION)
         if distributed_config.tp_size != 1 or distributed_config.pp_size != 1:
             raise RQError("rq expert parallelism runs with tp_size=1 and pp_size=1 (ranks holding distinct batches)")
-        world = int(os.environ.get("WORLD_SIZE", "0"))
         need = distributed_config.fsdp_size * distributed_config.dp_replicate_size
         if world != need:
-            raise RQError(f"{where}: ep_size={G} (fsdp_size={distributed_config.fsdp_size}) needs {need} processes, "
-                          f"this run has WORLD_SIZE={world or 'unset'}",
-                          hint=f"launch with torchrun --nproc-per-node {need}")
+            raise RQError(f"{where}: ep_size={G} with fsdp_size={distributed_config.fsdp_size} needs {need} processes, "
+                          f"this run has WORLD_SIZE={world or 'unset'}", hint=f"launch with torchrun --nproc-per-node {need}")
         if distributed_config.ep_implementation == "auto":
             distributed_config.ep_implementation = EP_IMPLEMENTATION
         if distributed_config.ep_implementation != EP_IMPLEMENTATION:

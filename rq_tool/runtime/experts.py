@@ -83,10 +83,11 @@ class RQExperts(nn.Module):
                 dtype = slot_tensor_dtype(scheme, name, bias_dtype)
                 self.register_parameter(f"{scheme}_{name}", nn.Parameter(torch.empty(shape, dtype=dtype, device=device),
                                                                          requires_grad=False))
-        # materialised parameter -> its rows in the checkpoint's full tensor (only when a subset)
+        # checkpoint tensor -> the rows of it materialised here (only when a subset; empty: a group
+        # this module holds no slot of, so no parameter)
         self.checkpoint_rows: dict[str, torch.Tensor] = {}
         if slots is not None:
-            for scheme in self.schemes:
+            for scheme in dict.fromkeys(layer_map.slot_scheme):
                 same = [p for p, s in enumerate(layer_map.slot_scheme) if s == scheme]
                 rows = torch.tensor([same.index(int(p)) for p in self.local_slots if layer_map.slot_scheme[int(p)] == scheme],
                                     dtype=torch.int64)

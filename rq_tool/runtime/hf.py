@@ -144,6 +144,8 @@ def _load_weights(model, path: Path, compute_dtype: torch.dtype, rows: dict[str,
         try:
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():
+                    if rows and key in rows and key not in expected and rows[key].numel() == 0:
+                        continue  # a slot group held by other expert-parallel ranks only
                     t = f.get_tensor(key) if not rows or key not in rows else _read_rows(f, key, rows[key])
                     ref = expected.get(key)
                     if ref is None:

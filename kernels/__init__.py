@@ -11,9 +11,9 @@ imported lazily; on CPU it runs only under ``TRITON_INTERPRET=1`` (tests).
 """
 
 from .backend import resolve_impl, triton_available
-from .dispatch import Dispatch, replica_dispatch, replica_dispatch_reference
+from .dispatch import replica_dispatch, replica_dispatch_reference
 from .experts import moe_experts, moe_experts_grouped, moe_experts_reference
-from .slots import SlotWeights
+from .types import Dispatch, SlotWeights
 
 __all__ = [
     "Dispatch",

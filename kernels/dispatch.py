@@ -10,42 +10,17 @@ keeps token order inside every slot without a second sort.
 
 The grouped output follows vLLM's ``moe_align_block_size``: ``sorted_ids`` lists flat indices
 ``t*K + k`` slot by slot (ascending slot, original order inside a slot), each slot's segment padded
-with the sentinel N up to a multiple of ``block_size``; ``block_slot`` gives each block's slot.
+with the sentinel N up to a multiple of ``block_size``; ``block_slot`` gives each block's slot
+(worked example: :class:`rq_tool.kernels.types.Dispatch`).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from .backend import resolve_impl
 from .split import occurrence_ranks
-
-
-@dataclass(frozen=True)
-class Dispatch:
-    """Where every routed (token, k) pair goes, for one MoE layer and one batch.
-
-    phy_ids:     [T, K] int64, physical slot of each pair.
-    slot_counts: [P] int64, pairs per slot.
-    sorted_ids:  [num_padded] int64, flat pair indices grouped by slot, sentinel N as padding.
-    block_slot:  [num_padded // block_size] int64, slot of each block of ``sorted_ids``.
-    num_padded:  int, length of ``sorted_ids``.
-    block_size:  int, the padding multiple (the experts kernel's BLOCK_M).
-    """
-
-    phy_ids: torch.Tensor
-    slot_counts: torch.Tensor
-    sorted_ids: torch.Tensor
-    block_slot: torch.Tensor
-    num_padded: int
-    block_size: int
-
-    @property
-    def num_pairs(self) -> int:
-        """N = T*K, also the sentinel value in ``sorted_ids``."""
-        return self.phy_ids.numel()
+from .types import Dispatch
 
 
 def _check(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, num_slots: int, block_size: int):

@@ -26,10 +26,7 @@ import triton
 import triton.language as tl
 
 from .backend import interpreter_enabled
-from .dispatch import Dispatch
-
-# The interpreter pays ~20 ms per program and runs tiles as numpy arrays: use few, big programs.
-_INTERPRET = interpreter_enabled()
+from .types import Dispatch
 
 
 @triton.jit
@@ -140,7 +137,7 @@ def replica_dispatch_triton(
     log2phy, logcnt = log2phy.contiguous(), logcnt.contiguous()
     if tiles is not None:
         block_n, block_e, block_b = tiles
-    elif _INTERPRET:
+    elif interpreter_enabled():  # ~20 ms per program, tiles as numpy arrays: few, big programs
         block_n = max(16, min(triton.next_power_of_2(N), 4096))
         block_e, block_b = max(16, min(triton.next_power_of_2(E), 128)), 4096
     else:

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from rq_tool.arch.activation import activation_fn, grouped_expert_forward
 
 from .backend import resolve_impl
-from .dispatch import Dispatch
-from .slots import SlotWeights
+from .types import Dispatch, SlotWeights
 
 
 def _check(x: torch.Tensor, topk_weights: torch.Tensor, dispatch: Dispatch, weights: SlotWeights):

@@ -26,10 +26,8 @@ import triton.language as tl
 from rq_tool.errors import RQError
 
 from .backend import interpreter_enabled
-from .dispatch import Dispatch
-from .slots import SlotWeights, scheme_kind
-
-_INTERPRET = interpreter_enabled()
+from .slots import scheme_kind
+from .types import Dispatch, SlotWeights
 
 # activation spec -> ACT code of _activate
 _GLU_CODES = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2, "relu": 3}
@@ -157,11 +155,11 @@ def _act_code(act: str) -> tuple[int, float, float]:
                   hint=f"it has glu:{{{','.join(_GLU_CODES)}}} and gptoss:<alpha>:<limit>; use RQ_KERNEL=torch")
 
 
-def _tiles(n: int, k: int, tiles: tuple[int, int] | None) -> tuple[int, int, dict]:
+def _tiles(n: int, k: int, tiles: tuple[int, int] | None, interpret: bool) -> tuple[int, int, dict]:
     """(BLOCK_N, BLOCK_K, launch options) for an [M, k] x [k, n] product."""
     if tiles is not None:
         return tiles[0], tiles[1], {}
-    if _INTERPRET:  # few, big programs
+    if interpret:  # few, big programs
         return max(16, min(triton.next_power_of_2(n), 256)), max(16, min(triton.next_power_of_2(k), 256)), {}
     return 64, 64, {"num_warps": 4, "num_stages": 3}
 
@@ -181,11 +179,12 @@ def moe_experts_triton(
     H, I, N, bm = weights.hidden_size, weights.intermediate_size, T * K, dispatch.block_size
     if bm < 16 or bm & (bm - 1):
         raise RQError(f"the Triton experts kernel needs dispatch block_size a power of two >= 16, got {bm}")
-    if x.device.type == "cpu" and not _INTERPRET:
-        raise RQError("the Triton kernels were imported without TRITON_INTERPRET=1 and cannot run on CPU tensors")
+    interpret = interpreter_enabled()
+    if x.device.type == "cpu" and not interpret:
+        raise RQError("the Triton kernels run on CPU tensors only with TRITON_INTERPRET=1")
     act, alpha, limit = _act_code(weights.act)
     dtype = x.dtype
-    dot_dtype = tl.float32 if _INTERPRET else _DOT_DTYPES[dtype]
+    dot_dtype = tl.float32 if interpret else _DOT_DTYPES[dtype]
     precision = "ieee" if dot_dtype == tl.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
     out = torch.empty(N, H, dtype=torch.float32, device=x.device)
     if N == 0:
@@ -214,7 +213,7 @@ def moe_experts_triton(
             s_dn = group.get("down_scale", dummy.view(1, 1))
         int8 = kind == "int8"
 
-        bn, bk, opts = _tiles(I, H, tiles)
+        bn, bk, opts = _tiles(I, H, tiles, interpret)
         b_gu = gu_bias if gu_bias is not None else dummy.view(1, 1)
         _gate_up_act_kernel[(blocks.numel(), triton.cdiv(I, bn))](
             x, w_gu, s_gu, b_gu, dispatch.sorted_ids, blocks, dispatch.block_slot, widx, inter,
@@ -224,7 +223,7 @@ def moe_experts_triton(
             TOP_K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INT8=int8, HAS_BIAS=gu_bias is not None, ACT=act,
             DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, **opts,
         )
-        bn, bk, opts = _tiles(H, I, tiles)
+        bn, bk, opts = _tiles(H, I, tiles, interpret)
         b_dn = dn_bias if dn_bias is not None else dummy.view(1, 1)
         _down_combine_kernel[(blocks.numel(), triton.cdiv(H, bn))](
             inter, w_dn, s_dn, b_dn, tw, dispatch.sorted_ids, blocks, dispatch.block_slot, widx, out,

@@ -35,7 +35,6 @@ from .backend import interpreter_enabled
 from .dispatch_triton import _chunk_rank_kernel, _expert_scan_kernel
 from .split import _ROUNDS
 
-_INTERPRET = interpreter_enabled()
 
 
 @triton.jit
@@ -195,7 +194,7 @@ def round_robin_split_triton(counts: torch.Tensor, log2phy: torch.Tensor, logcnt
     _check_maps(log2phy, logcnt)
     B, E = counts.shape
     out = torch.zeros(B, num_slots, dtype=torch.int64, device=counts.device)
-    block_e = max(16, min(triton.next_power_of_2(E), 1024 if _INTERPRET else 128))
+    block_e = max(16, min(triton.next_power_of_2(E), 1024 if interpreter_enabled() else 128))
     if B:
         _round_robin_split_kernel[(B, triton.cdiv(E, block_e))](
             counts.long().contiguous(), log2phy.contiguous(), logcnt.contiguous(), out, E, log2phy.shape[1], num_slots,
@@ -216,7 +215,7 @@ def assign_slots_triton(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: t
         return phy_ids
     ids = topk_ids.reshape(-1).long().contiguous()
     log2phy, logcnt = log2phy.contiguous(), logcnt.contiguous()
-    if _INTERPRET:
+    if interpreter_enabled():
         block_n, block_e = max(16, min(triton.next_power_of_2(N), 4096)), max(16, min(triton.next_power_of_2(E), 128))
     else:
         block_n, block_e = 256, 32

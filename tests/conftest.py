@@ -1,7 +1,17 @@
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
+_REPO = Path(__file__).resolve().parent.parent
+# `python -m pytest` from the repo root puts the root on sys.path, where our `kernels/` source
+# folder would pass for the PyPI package `kernels` (transformers and bitsandbytes probe for it
+# and import it). The installed package maps it to `rq_tool.kernels`; keep the root off the path.
+_kept = [p for p in sys.path if Path(p or os.curdir).resolve() != _REPO]
+if len(_kept) < len(sys.path):
+    sys.path[:] = _kept
+    if importlib.util.find_spec("rq_tool") is None:  # pragma: no cover - not installed
+        raise RuntimeError("rq_tool is not installed: pip install -e '.[test]' (see README)")
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -17,7 +17,8 @@ from rq_tool.export import (ENGINE_WEIGHT_SCHEMES, balanced_phy2log, check_redun
                             compressed_tensors_config, expert_target, get_engine, gpu_max_mean, plan_placement,
                             precision_summary, read_source, recommend_redundant, valid_redundant)
 from rq_tool.export.cli import export
-from rq_tool.plan.placement import device_loads, eplb_rebalance, max_mean
+from rq_tool.plan.eplb import rebalance_experts
+from rq_tool.plan.placement import device_loads, max_mean
 
 # DeepSeek EPLB's README example (github deepseek-ai/EPLB)
 README_WEIGHT = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
@@ -82,7 +83,7 @@ def test_round_trip_matches_simulator():
         plan = plan_placement(load, [0, 1], 2, N, R)
         P = 12 + R
         # rq's placement is EPLB's global policy: the same code path, slot for slot
-        assert torch.equal(plan.phy2log, eplb_rebalance(load, P, 1, 1, N)[0])
+        assert torch.equal(plan.phy2log, rebalance_experts(load, P, 1, 1, N)[0])
         for i in range(2):
             got = max_mean(slots_per_gpu_loads(load[i], plan.phy2log[i], N))
             assert got == pytest.approx(float(plan.rq[i]), abs=1e-12)
@@ -94,7 +95,7 @@ def test_round_trip_matches_simulator():
 def test_no_worse_than_eplb_on_its_readme_example():
     weight = README_WEIGHT.double()
     plan = plan_placement(weight, [0, 1], 2, ep_size=8, redundant=4)  # 16 slots on 8 GPUs
-    phy2log, _, _ = eplb_rebalance(weight, num_replicas=16, num_groups=4, num_nodes=2, num_gpus=8)
+    phy2log, _, _ = rebalance_experts(weight, num_replicas=16, num_groups=4, num_nodes=2, num_gpus=8)
     eplb = gpu_max_mean(weight, phy2log, 8)
     for i in range(2):
         print(f"layer {i}: per-GPU max/mean rq export {float(plan.rq[i]):.3f}, EPLB {float(eplb[i]):.3f}")

@@ -4,6 +4,7 @@ Triton runs on CUDA when present, else in Triton's CPU interpreter (TRITON_INTER
 before the kernels are imported; ~20 ms per program, the wrapper then picks big blocks).
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -172,3 +173,18 @@ def test_import_and_reference_without_triton():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("ok") and "not installed" in res.stdout
+
+
+def test_worked_example_of_the_docstring():
+    """The layout example in ``Dispatch``'s docstring, exactly, on every implementation."""
+    topk_ids = torch.tensor([[0, 1], [0, 2], [1, 0]])
+    log2phy, logcnt = torch.tensor([[0, 3], [1, -1], [2, -1]]), torch.tensor([2, 1, 1])
+    want = (torch.tensor([[0, 1], [3, 2], [1, 0]]), torch.tensor([2, 2, 1, 1]),
+            torch.tensor([0, 5, 1, 4, 3, 6, 2, 6]), torch.tensor([0, 1, 2, 3]))
+    assert all(torch.equal(a, b) for a, b in zip(naive_dispatch(topk_ids, log2phy, logcnt, 4, 2), want))
+    impls = ["torch"] + (["triton"] if importlib.util.find_spec("triton") else [])
+    for impl in impls:
+        d = replica_dispatch(topk_ids.to(DEVICE), log2phy.to(DEVICE), logcnt.to(DEVICE), 4, 2, impl=impl)
+        assert d.num_padded == 8 and d.num_pairs == 6
+        for name, w in zip(FIELDS, want):
+            assert torch.equal(getattr(d, name).cpu(), w), (impl, name)

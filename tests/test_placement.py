@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from rq_tool.errors import RQError
-from rq_tool.plan import (
-    PlanOptions, balanced_packing, device_loads, eplb_rebalance, make_plan, max_mean, place_slots, replicate_experts,
-)
+from rq_tool.plan import PlanOptions, device_loads, make_plan, max_mean, place_slots
+from rq_tool.plan.eplb import balanced_packing, rebalance_experts, replicate_experts
 
 # DeepSeek EPLB's README example and the phy2log it prints (github deepseek-ai/EPLB)
 README_WEIGHT = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
@@ -56,7 +55,7 @@ def _check_maps(phy2log, log2phy, logcnt):
 
 
 def test_eplb_readme_example():
-    phy2log, log2phy, logcnt = eplb_rebalance(README_WEIGHT, 16, 4, 2, 8)
+    phy2log, log2phy, logcnt = rebalance_experts(README_WEIGHT, 16, 4, 2, 8)
     assert phy2log.tolist() == README_PHY2LOG  # same output as the published implementation
     _check_maps(phy2log, log2phy, logcnt)
     gpu = torch.arange(16) // 2  # 2 slots per GPU
@@ -69,7 +68,7 @@ def test_eplb_readme_example():
 
 def test_eplb_global_path():
     # 3 groups do not divide over 2 nodes: EPLB falls back to global replication and packing
-    phy2log, log2phy, logcnt = eplb_rebalance(README_WEIGHT, 16, 3, 2, 8)
+    phy2log, log2phy, logcnt = rebalance_experts(README_WEIGHT, 16, 3, 2, 8)
     _check_maps(phy2log, log2phy, logcnt)
     assert logcnt.tolist() == replicate_experts(README_WEIGHT, 16)[2].tolist()
 
@@ -110,7 +109,7 @@ def test_rq_placement_no_worse_than_eplb():
     opt = PlanOptions(strategy="replicate-only", min_gain=0.0, max_slots_factor=16 / 12, max_replicas_per_expert=16)
     weight = README_WEIGHT.double()
     plan = make_plan(weight, torch.zeros(2, 12, 1), ["bf16"], torch.tensor([1]), 1, opt)
-    phy2log, _, logcnt = eplb_rebalance(weight, 16, 4, 2, 8)
+    phy2log, _, logcnt = rebalance_experts(weight, 16, 4, 2, 8)
     for l, lp in enumerate(plan.layers):
         assert lp.num_physical == 16
         rq_load = _slot_load(weight[l], lp.phy2log, lp.logcnt)

@@ -14,7 +14,7 @@ Three deployments of one MoE layer, all scored on the same measured (held-out) l
   (``E * source_bytes / G``); when the slots cannot be packed into that share (memory grew, or
   slot sizes do not bin-pack) the capacity grows by the smallest slot until they can, and
   ``device_bytes_ratio`` / ``fits_original_share`` report it.
-- ``eplb``: DeepSeek EPLB (``eplb_rebalance``) given the same planning loads and
+- ``eplb``: DeepSeek EPLB (``rq_tool.plan.eplb.rebalance_experts``) given the same planning loads and
   ``ceil(P / G) * G`` full-precision slots; tokens split evenly over an expert's replicas.
 
 Every result is ``max / mean`` of the device loads (1.0 = perfectly balanced).
@@ -27,7 +27,8 @@ import math
 import torch
 
 from ..errors import RQError
-from ..plan.placement import device_loads, eplb_rebalance, max_mean, place_slots
+from ..plan.eplb import rebalance_experts
+from ..plan.placement import device_loads, max_mean, place_slots
 
 DEVICE_COUNTS = (2, 4, 8)
 
@@ -90,7 +91,7 @@ def eplb_max_mean(load: torch.Tensor, num_slots: int, num_devices: int,
     E = load.numel()
     P = max(math.ceil(num_slots / G), math.ceil(E / G)) * G
     plan = (load if plan_load is None else plan_load).double()[None]
-    phy2log, _, logcnt = eplb_rebalance(plan, P, 1, 1, G)
+    phy2log, _, logcnt = rebalance_experts(plan, P, 1, 1, G)
     slot_load = load.double()[phy2log[0]] / logcnt[0].double()[phy2log[0]]
     dev = torch.arange(P) // (P // G)
     return {"max_mean": max_mean(device_loads(slot_load, dev, G)), "slots": P}

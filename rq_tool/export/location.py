@@ -5,19 +5,13 @@ N GPUs (the EP size), H decoder layers (``num_hidden_layers``, dense layers incl
 
 SGLang and vLLM lay one layer's P physical slots on N GPUs in equal contiguous blocks: slot p
 lives on GPU ``p // (P / N)``, so P must be a multiple of N. rq fills those blocks from the
-profile's loads with the planner's own primitives (``rq_tool.plan.placement``, the one
-implementation of placement math in rq):
-
-1. ``replicate_experts``: each of the R extra slots goes to the expert with the largest
-   ``load / logcnt`` (tokens split evenly over an expert's replicas);
-2. ``balanced_packing``: slots, heaviest first, onto the lightest GPU that still has room for
-   exactly ``P / N`` slots;
-3. slots renumbered GPU-major, so GPU g holds slots ``g * P/N .. (g+1) * P/N - 1``.
-
-That is DeepSeek EPLB's global policy (``eplb_rebalance`` with one group on one node), which
-``rq_tool.eval.ep`` simulates: the exported file, rq's reports and the simulator agree by
-construction. Both engines start without a placement file from identity + round-robin
-redundancy (slot p holds expert ``p % E``); that is the "before" rq reports.
+profile's loads with DeepSeek EPLB's global policy (``rq_tool.plan.eplb.rebalance_experts`` with
+one group on one node): each of the R extra slots goes to the expert with the largest
+``load / logcnt``, the slots, heaviest first, onto the lightest GPU with room for exactly
+``P / N``, numbered GPU-major. ``rq_tool.eval.ep`` simulates the same call: the exported file,
+rq's reports and the simulator agree by construction. Both engines start without a placement
+file from identity + round-robin redundancy (slot p holds expert ``p % E``); that is the
+"before" rq reports.
 """
 
 from __future__ import annotations
@@ -26,7 +20,8 @@ import torch
 
 from ..errors import RQError
 from ..lis import slot_loads
-from ..plan.placement import balanced_packing, device_loads, max_mean, replicate_experts
+from ..plan.eplb import rebalance_experts
+from ..plan.placement import device_loads, max_mean
 
 
 def valid_redundant(num_experts: int, ep_size: int, around: int) -> list[int]:
@@ -69,17 +64,7 @@ def balanced_phy2log(load: torch.Tensor, num_physical: int, ep_size: int) -> tor
     P, N = int(num_physical), int(ep_size)
     assert P >= E and P % N == 0, f"{P} slots for {E} experts on {N} GPUs"
     weight = torch.where(load.sum(-1, keepdim=True) > 0, load, torch.ones_like(load))
-    phy2log, _, logcnt = replicate_experts(weight, P)
-    gpu, rank = balanced_packing(slot_weight(weight, phy2log, logcnt), N)
-    new_slot = gpu * (P // N) + rank  # [L, P]: where each replicated slot goes
-    out = torch.empty_like(phy2log)
-    out.scatter_(-1, new_slot, phy2log)
-    return out
-
-
-def slot_weight(load: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
-    """``load [L, E]``, ``phy2log [L, P]``, ``logcnt [L, E]`` -> ``[L, P]`` load carried by each slot."""
-    return torch.stack([slot_loads(load[i], phy2log[i], logcnt[i]) for i in range(load.shape[0])])
+    return rebalance_experts(weight, P, 1, 1, N)[0]
 
 
 def gpu_max_mean(load: torch.Tensor, phy2log: torch.Tensor, ep_size: int) -> torch.Tensor:

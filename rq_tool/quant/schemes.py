@@ -70,7 +70,8 @@ def _int8_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _int8_dequantize(st, shape, dtype):
-    return (st["q"].float() * st["scale"][:, None]).to(dtype)
+    # q [..., out, in] and scale [..., out]: one matrix or a stack of them
+    return (st["q"].float() * st["scale"][..., None]).to(dtype)
 
 
 def _nf4_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -88,16 +89,17 @@ def nf4_code(device: str = "cpu") -> torch.Tensor:
     return _bnb_functional().get_4bit_type("nf4", device=device).float()
 
 
-def nf4_dequantize_torch(q: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Pure-torch NF4 dequantization: ``q [n/2] uint8``, ``absmax [n/64]`` -> fp32 ``shape``.
+def nf4_dequantize_torch(q: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Pure-torch NF4 dequantization: ``q [n/2] uint8``, ``absmax [n/64]`` -> fp32 ``shape`` (n elements).
 
-    Same numbers as bitsandbytes' ``dequantize_4bit`` (high nibble is the even element).
+    Same numbers as bitsandbytes' ``dequantize_4bit`` (high nibble is the even element). ``q`` and
+    ``absmax`` may have leading dimensions (a stack of matrices, each a whole number of blocks).
     """
     code = nf4_code(str(q.device))
     hi = (q >> 4).long()
     lo = (q & 0x0F).long()
     idx = torch.stack([hi, lo], dim=-1).reshape(-1)
-    vals = code[idx].reshape(-1, NF4_BLOCKSIZE) * absmax.float()[:, None]
+    vals = code[idx].reshape(-1, NF4_BLOCKSIZE) * absmax.float().reshape(-1)[:, None]
     return vals.reshape(shape)
 
 

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .backend import interpreter_enabled
-from .dispatch_triton import _chunk_rank_kernel, _expert_scan_kernel
+from .dispatch_triton import default_tiles, occurrence_ranks_triton
 from .split import _ROUNDS
 
 
@@ -215,19 +215,10 @@ def assign_slots_triton(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: t
         return phy_ids
     ids = topk_ids.reshape(-1).long().contiguous()
     log2phy, logcnt = log2phy.contiguous(), logcnt.contiguous()
-    if interpreter_enabled():
-        block_n, block_e = max(16, min(triton.next_power_of_2(N), 4096)), max(16, min(triton.next_power_of_2(E), 128))
-    else:
-        block_n, block_e = 256, 32
-    num_chunks = triton.cdiv(N, block_n)
-    local_rank = torch.empty(N, dtype=torch.int32, device=dev)
-    count = torch.empty(num_chunks, E, dtype=torch.int32, device=dev)
+    block_n, block_e, _ = default_tiles(N, E)
     scratch = torch.zeros(slot_counts.numel(), dtype=torch.int64, device=dev)  # the scan's round-robin counts, unused
-    _chunk_rank_kernel[(num_chunks,)](ids, local_rank, count, N, E, BLOCK_N=block_n, BLOCK_E=block_e)
-    _expert_scan_kernel[(triton.cdiv(E, block_e),)](
-        count, log2phy, logcnt, scratch, num_chunks, E, R, log2phy.stride(0), BLOCK_E=block_e
-    )
-    _assign_kernel[(num_chunks,)](
+    local_rank, count = occurrence_ranks_triton(ids, log2phy, logcnt, scratch, block_n, block_e)
+    _assign_kernel[(count.shape[0],)](
         ids, local_rank, count, log2phy, logcnt, slot_counts.long().contiguous(), phy_ids, N, E, R, BLOCK_N=block_n
     )
     return phy_ids

@@ -112,30 +112,14 @@ def _heldout_steps(seqs_per_step: int, steps_per_domain: int, seq_len: int):
 
 def _predict(models: dict, steps: torch.Tensor, G: int) -> dict[str, torch.Tensor]:
     """``{name: [L, S, G]}`` predicted pairs per device from single-process runs of the same steps."""
-    import rq_tool
     from transformers import AutoModelForCausalLM
 
-    from rq_tool.arch import get_family
-    from rq_tool.eval.ep_steps import contiguous_step_loads, placed_step_loads
-    from rq_tool.eval.measure import ExpertCounter
+    import rq_tool
+    from rq_tool.eval.ep_steps import predicted_step_loads
 
-    out = {}
-    for name, path in models.items():
-        model = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32) if name == "original"
-                 else rq_tool.load(path, dtype=torch.float32))
-        counts = []
-        with ExpertCounter(model, get_family(model.config)) as counter, torch.no_grad():
-            for ids in steps:
-                counter.start_batch()
-                model(ids)
-                counts.append(torch.stack([b.clone() for b in counter.batch_load]))
-        counts = torch.stack(counts, 1)  # [L, S, E]
-        if name == "original":
-            out[name] = torch.stack([contiguous_step_loads(c, G) for c in counts])
-        else:
-            out[name] = torch.stack([placed_step_loads(counts[i], e.log2phy, e.logcnt, e.slot_device, G, e.split_policy)
-                                     for i, e in enumerate(counter.rq)])
-    return out
+    return {name: predicted_step_loads(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+                                       if name == "original" else rq_tool.load(path, dtype=torch.float32), steps, G)
+            for name, path in models.items()}
 
 
 def _run_ranks(G: int, spec: Path, out: Path, timeout: float) -> list[dict]:

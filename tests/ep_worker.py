@@ -34,20 +34,9 @@ def _load_reference(path):
 def _predict(path, steps, G):
     """``[L][B][G]`` predicted pairs per device, from a single-process run of the placed model."""
     import rq_tool
-    from rq_tool.arch import get_family
-    from rq_tool.eval.ep_steps import placed_step_loads
-    from rq_tool.eval.measure import ExpertCounter
+    from rq_tool.eval.ep_steps import predicted_step_loads
 
-    model = rq_tool.load(path, dtype=torch.float32)
-    counts = []
-    with ExpertCounter(model, get_family(model.config)) as counter, torch.no_grad():
-        for ids in steps:
-            counter.start_batch()
-            model(ids)
-            counts.append(torch.stack([b.clone() for b in counter.batch_load]))
-    counts = torch.stack(counts, 1)  # [L, B, E]
-    return [placed_step_loads(counts[i], e.log2phy, e.logcnt, e.slot_device, G, e.split_policy).tolist()
-            for i, e in enumerate(counter.rq)]
+    return predicted_step_loads(rq_tool.load(path, dtype=torch.float32), torch.stack(steps), G).tolist()
 
 
 def main(out: str, cases: list[str]) -> None:

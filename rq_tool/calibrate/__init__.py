@@ -1,12 +1,12 @@
 """Calibration: data, recorder (hooks with one owner), profile format and the calibrate() API."""
 
-from .data import CalibrationData, load_texts, pack
+from .data import CalibrationData, load_tags, load_texts, pack
 from .profile import LayerProfile, Profile, config_fingerprint
 from .recorder import ExpertRecorder
 from .run import calibrate, profile_model
 
 __all__ = ["CalibrationData", "ExpertRecorder", "LayerProfile", "Profile", "calibrate", "config_fingerprint",
-           "load_texts", "pack", "profile_model"]
+           "load_tags", "load_texts", "pack", "profile_model"]
 
 from .._callable import make_callable  # noqa: E402
 

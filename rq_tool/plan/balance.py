@@ -153,7 +153,6 @@ def plan_balance(seq_loads: torch.Tensor, num_devices: int, num_slots, original:
     N, L, E = seq_loads.shape
     G = int(num_devices)
     num_slots = torch.as_tensor(num_slots, dtype=torch.int64).expand(L)
-    kw = dict(first_size=first_size, replica_size=replica_size, capacity=capacity, fill_all=fill_all)
     fold, names = make_folds(seq_loads, groups, group_names, per_step, seed)
     C = len(CANDIDATES) + 1  # + original
     all_idx = torch.arange(N)
@@ -166,6 +165,7 @@ def plan_balance(seq_loads: torch.Tensor, num_devices: int, num_slots, original:
         bases.append(step_max_mean(st, original.phy2log, original.slot_device, G, policy).mean(0))  # [L]
         steps.append(st)
         weights += [_weight(seq_loads, train, kind) for kind in CANDIDATES]
+    weights += [_weight(seq_loads, all_idx, kind) for kind in CANDIDATES]  # the final candidates, same batch
     K = len(weights)
     rep = (lambda x: None if x is None else torch.as_tensor(x).repeat(K, *([1] * (torch.as_tensor(x).dim() - 1)))
            if torch.as_tensor(x).dim() else x)
@@ -174,8 +174,10 @@ def plan_balance(seq_loads: torch.Tensor, num_devices: int, num_slots, original:
                   fill_all=fill_all)
     lay = candidate_layout(torch.cat(weights), num_slots.repeat(K), G, policy, **kw_all)
     B = min(st.shape[0] for st in steps)
-    counts = torch.cat([steps[f][:B] for f in range(F) for _ in CANDIDATES], dim=1)  # [B, K*L, E]
-    score = step_max_mean(counts, lay.phy2log, lay.slot_device, G, policy).mean(0).view(F, len(CANDIDATES), L)
+    nc = F * len(CANDIDATES) * L
+    counts = torch.cat([steps[f][:B] for f in range(F) for _ in CANDIDATES], dim=1)  # [B, F*C'*L, E]
+    score = step_max_mean(counts, lay.phy2log[:nc], lay.slot_device[:nc], G, policy).mean(0)
+    score = score.view(F, len(CANDIDATES), L)
     ratio = torch.ones(C, F, L, dtype=torch.float64)
     ratio[:-1] = (score / torch.stack(bases)[:, None]).transpose(0, 1)
     worst, mean = ratio.amax(1), ratio.mean(1)  # [C, L]
@@ -183,8 +185,8 @@ def plan_balance(seq_loads: torch.Tensor, num_devices: int, num_slots, original:
     score = worst + 1e-6 * mean + order
     score[-1] = 1.0 + 1e-6 + order[-1]  # the original: ratio 1 on every fold
     pick = score.argmin(0).tolist()
-    finals = [candidate_layout(_weight(seq_loads, all_idx, kind), num_slots, G, policy, **kw)
-              if any(p == c for p in pick) else original for c, kind in enumerate(CANDIDATES)]
+    finals = [Layout(lay.phy2log[nc + c * L: nc + (c + 1) * L], lay.slot_device[nc + c * L: nc + (c + 1) * L])
+              for c in range(len(CANDIDATES))]
     layout = _merge(finals + [original], pick)
     names_c = list(CANDIDATES) + ["original"]
     return BalanceResult(layout, [names_c[p] for p in pick], names,

@@ -198,49 +198,51 @@ def _fill(w, T, num_slots, G, first_size, rep_size, cap):
     order = torch.argsort(split.double() * (w.max() * 4) - w, dim=-1, stable=True)
     rem = T[:, None].expand(L, G).clone()
     used = torch.zeros(L, G, dtype=torch.float64)
-    expert = torch.full((L, S), -1, dtype=torch.int64)
-    device = torch.full((L, S), -1, dtype=torch.int64)
-    first = torch.zeros(L, S, dtype=torch.bool)
+    # one spare column S takes the writes of rows that place nothing this round
+    expert = torch.full((L, S + 1), -1, dtype=torch.int64)
+    device = torch.full((L, S + 1), -1, dtype=torch.int64)
+    first = torch.zeros(L, S + 1, dtype=torch.bool)
     n = torch.zeros(L, dtype=torch.int64)
     ok = torch.ones(L, dtype=torch.bool)
     tiny = 1e-9 * T
     # room held back from the whole experts for the pieces of the split ones (else the many
     # cold experts can take every slot of the devices a hot expert needs)
     pieces = torch.where(split, torch.ceil(w / T[:, None]) + 1, 0).sum(-1)
-    reserve = torch.ceil(pieces / G) * rep_size.max(-1).values
+    cap_whole = (cap - torch.ceil(pieces / G) * rep_size.max(-1).values)[:, None] + _EPS
+    cap_all = cap[:, None] + _EPS
+    w_o, f_o, r_o, whole_o = (x.gather(1, order) for x in (w, first_size, rep_size, ~split))
+    gid = torch.arange(G)
     for j in range(E):
-        e = order[:, j]
-        rest = w[rows, e].clone()
-        whole = ~split[rows, e]
+        e, rest, whole = order[:, j], w_o[:, j].clone(), whole_o[:, j]
         held = torch.zeros(L, G, dtype=torch.bool)
         is_first = torch.ones(L, dtype=torch.bool)
         for _ in range(G):
             active = ok & ((rest > tiny) | is_first)
             if not active.any():
                 break
-            sz = torch.where(is_first, first_size[rows, e], rep_size[rows, e])
-            room = (used + sz[:, None] <= cap[:, None] + _EPS) & ~held & ((rem > tiny[:, None]) | is_first[:, None])
-            kept = room & (used + sz[:, None] <= (cap - reserve)[:, None] + _EPS)
+            sz = torch.where(is_first, f_o[:, j], r_o[:, j])[:, None]
+            room = (used + sz <= cap_all) & ~held & ((rem > tiny[:, None]) | is_first[:, None])
+            kept = room & (used + sz <= cap_whole)
             room = torch.where((whole & kept.any(-1))[:, None], kept, room)
             has = room.any(-1)
-            ok &= has | ~active
-            go = active & has & (n < num_slots)
-            ok &= ~(active & has & (n >= num_slots))
-            if not go.any():
-                continue
+            full = n >= num_slots
+            ok &= ~active | (has & ~full)
+            go = active & ok
             g = torch.where(room, rem, -torch.inf).argmax(-1)
-            piece = torch.minimum(rem[rows, g].clamp(min=0), rest)
-            r, gg = rows[go], g[go]
-            expert[r, n[go]] = e[go]
-            device[r, n[go]] = gg
-            first[r, n[go]] = is_first[go]
-            rem[r, gg] -= piece[go]
-            used[r, gg] += sz[go]
-            held[r, gg] = True
-            rest[go] -= piece[go]
+            hot = (gid == g[:, None]) & go[:, None]
+            piece = torch.minimum((rem * hot).sum(-1).clamp(min=0), rest)
+            col = torch.where(go, n, S)[:, None]
+            expert.scatter_(1, col, e[:, None])
+            device.scatter_(1, col, g[:, None])
+            first.scatter_(1, col, is_first[:, None])
+            rem -= hot * piece[:, None]
+            used += hot * sz
+            held |= hot
+            rest -= piece * go
             is_first &= ~go
             n += go.long()
         ok &= ~((rest > tiny) & ok)
+    expert, device, first = expert[:, :S], device[:, :S], first[:, :S]
     return expert, device, first, ok, used
 
 

@@ -162,6 +162,7 @@ def _register_stage_commands() -> None:
     main.add_command(eval_cmd)
     main.add_command(report)
     main.add_command(export)
+    main.add_command(__import__("rq_tool.plan.cli", fromlist=["plan_cmd"]).plan_cmd)
 
 
 _register_stage_commands()

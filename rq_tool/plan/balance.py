@@ -31,7 +31,7 @@ import torch
 from .layout import build_layout, fill_layout
 from .steps import POLICIES, contiguous_layout, sample_steps, spread, step_max_mean
 
-CANDIDATES = ("mean", "shrunk")
+CANDIDATES = ("pinned", "mean", "shrunk", "spread")
 NUM_STEPS = 24  # steps scored per fold and candidate
 MAX_FOLDS = 4
 
@@ -98,20 +98,22 @@ def make_folds(seq_loads: torch.Tensor, groups: torch.Tensor | None, names=None,
 
 def _weight(seq_loads, idx, kind):
     w = seq_loads[idx].double().mean(0)  # [L, E]
-    if kind == "shrunk":
+    if kind in ("shrunk", "spread"):
         total = w.sum(-1, keepdim=True)
         w = 0.5 * w + 0.5 * total / w.shape[-1]
     return w
 
 
 def candidate_layout(weight: torch.Tensor, num_slots: torch.Tensor, G: int, policy: str, *, first_size=None,
-                     replica_size=None, capacity=None, fill_all: bool = False) -> Layout:
+                     replica_size=None, capacity=None, fill_all: bool = False, spread=False, pin=False,
+                     pin_dev=None) -> Layout:
     """Replicas + devices for one planning load ``weight [L, E]`` (see module docstring)."""
     if policy == "load-aware":
-        phy, dev, _, ok = fill_layout(weight, num_slots, G, first_size, replica_size, capacity, fill_all=fill_all)
+        phy, dev, _, ok = fill_layout(weight, num_slots, G, first_size, replica_size, capacity, fill_all=fill_all,
+                                      spread=spread, pin=pin, pin_dev=pin_dev)
     else:
         size_fn = None if first_size is None else (lambda p: _slot_sizes(p, first_size, replica_size))
-        phy, dev, ok = build_layout(weight, num_slots, G, size_fn, capacity)
+        phy, dev, ok = build_layout(weight, num_slots, G, size_fn, capacity, spread=spread, pin=pin, pin_dev=pin_dev)
     if not bool(ok.all()):
         # a layer that does not fit: its originals alone on standard EP (always fits its share)
         L, E = weight.shape
@@ -123,6 +125,11 @@ def candidate_layout(weight: torch.Tensor, num_slots: torch.Tensor, G: int, poli
         phy[bad], dev[bad] = -1, -1
         phy[bad, :E], dev[bad, :E] = o_phy[bad], o_dev[bad]
     return Layout(phy, dev)
+
+
+def _rows(kinds, kind, L, K):
+    """``[K * L]`` bool: rows (pair, layer) of candidate ``kind`` in the batched planning call."""
+    return torch.tensor([k == kind for k in kinds]).repeat_interleave(L).repeat(K // len(kinds))
 
 
 def _slot_sizes(phy2log, first_size, replica_size):
@@ -171,7 +178,8 @@ def plan_balance(seq_loads: torch.Tensor, num_devices: int, num_slots, original:
            if torch.as_tensor(x).dim() else x)
     kw_all = dict(first_size=rep(first_size), replica_size=rep(replica_size),
                   capacity=None if capacity is None else torch.as_tensor(capacity, dtype=torch.float64).expand(L).repeat(K),
-                  fill_all=fill_all)
+                  fill_all=fill_all, spread=_rows(CANDIDATES, "spread", L, K), pin=_rows(CANDIDATES, "pinned", L, K),
+                  pin_dev=original.slot_device[:, :E].repeat(K, 1))
     lay = candidate_layout(torch.cat(weights), num_slots.repeat(K), G, policy, **kw_all)
     B = min(st.shape[0] for st in steps)
     nc = F * len(CANDIDATES) * L

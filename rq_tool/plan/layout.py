@@ -15,6 +15,8 @@ originals, replicas appended by expert id).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _EPS = 1e-12
@@ -115,13 +117,16 @@ def _refine(dev, w, size, cap, phy2log, G, rounds):
 
 
 def place(phy2log: torch.Tensor, slot_weight: torch.Tensor, slot_size: torch.Tensor, capacity: torch.Tensor,
-          num_devices: int, refine_rounds: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+          num_devices: int, refine_rounds: int = 64, orig_cap=None, pin=None,
+          pin_dev=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Put every layer's slots on G devices: ``phy2log, slot_weight, slot_size [L, P]`` (-1 / 0 pad),
     ``capacity [L]`` room per device in slot-size units -> ``(slot_device [L, P] (-1 pad), ok [L] bool)``.
 
     Heaviest slot first (ties: larger, then lower slot id) onto the least-loaded device with room
     that does not hold its expert (if none, any device with room; ties: lowest device). A layer
-    whose slots do not fit gets ``ok = False`` (its devices are then partial). Then ``_refine``.
+    whose slots do not fit gets ``ok = False`` (its devices are then partial). Then ``_refine``
+    (not on rows with ``orig_cap [L]``: at most that many of slots 0..E-1, the originals, per device;
+    nor on ``pin [L]`` rows, whose originals stay on ``pin_dev [L, E]``).
     """
     L, P = phy2log.shape
     G = int(num_devices)
@@ -138,6 +143,12 @@ def place(phy2log: torch.Tensor, slot_weight: torch.Tensor, slot_size: torch.Ten
     held = torch.zeros(L, E1, G, dtype=torch.bool)
     ok = torch.ones(L, dtype=torch.bool)
     rows = torch.arange(L)
+    E0 = int((phy2log == torch.arange(P)).long().cumprod(-1).sum(-1).min())  # slots 0..E0-1: the originals
+    origs = torch.zeros(L, G)
+    ocap = None if orig_cap is None else torch.as_tensor(orig_cap, dtype=torch.float64).expand(L)
+    pinned = None if pin is None else torch.as_tensor(pin).expand(L)
+    if pin is not None and pin_dev is None:
+        pin_dev = (torch.arange(E0) * G // max(E0, 1)).expand(L, E0)
     scale = load.new_tensor(1e-12) * w.sum(-1).clamp_min(1)[:, None]
     for i in range(P):
         s = order[:, i]
@@ -145,6 +156,11 @@ def place(phy2log: torch.Tensor, slot_weight: torch.Tensor, slot_size: torch.Ten
         e = phy2log[rows, s].clamp(min=0)
         sz = size[rows, s]
         room = used + sz[:, None] <= cap[:, None] + _EPS
+        if orig_cap is not None:
+            room &= (s >= E0)[:, None] | (origs < ocap[:, None])
+        if pin is not None:
+            home = (torch.arange(G) == pin_dev.gather(1, e[:, None].clamp(max=pin_dev.shape[1] - 1))) & room
+            room = torch.where((pinned & (s < E0))[:, None], home, room)
         fresh = room & ~held[rows, e]
         pick = torch.where(fresh.any(-1, keepdim=True), fresh, room)
         ok &= pick.any(-1) | ~v
@@ -158,14 +174,18 @@ def place(phy2log: torch.Tensor, slot_weight: torch.Tensor, slot_size: torch.Ten
         used[r, gp] += sz[put]
         count[r, gp] += 1
         held[r, e[put], gp] = True
-    if refine_rounds and ok.any():
-        idx = rows[ok]
+        origs[r, gp] += (s[put] < E0).double()
+    free = ok if ocap is None else ok & torch.isinf(ocap)
+    if pinned is not None:
+        free = free & ~pinned
+    if refine_rounds and free.any():
+        idx = rows[free]
         dev[idx] = _refine(dev[idx].clone(), w[idx], size[idx], cap[idx], phy2log[idx], G, refine_rounds)
     return dev, ok
 
 
 def build_layout(weight: torch.Tensor, num_slots: torch.Tensor, num_devices: int,
-                 slot_size=None, capacity=None, refine_rounds: int = 64):
+                 slot_size=None, capacity=None, refine_rounds: int = 64, spread=False, pin=False, pin_dev=None):
     """Replicate ``weight [L, E]`` to ``num_slots [L]`` slots and place them on G devices.
 
     ``slot_size(phy2log [L, P]) -> [L, P]`` and ``capacity [L]``: memory per slot and per device
@@ -184,11 +204,14 @@ def build_layout(weight: torch.Tensor, num_slots: torch.Tensor, num_devices: int
         cap = torch.ceil(num_slots.double() / num_devices)
     else:
         size, cap = slot_size(phy2log).double() * valid, torch.as_tensor(capacity, dtype=torch.float64).expand(L)
-    dev, ok = place(phy2log, per_copy, size, cap, num_devices, refine_rounds)
+    spread = torch.as_tensor(spread).expand(L)
+    dev, ok = place(phy2log, per_copy, size, cap, num_devices, refine_rounds,
+                    torch.where(spread, float(math.ceil(E / num_devices)), float("inf")) if spread.any() else None,
+                    pin if torch.as_tensor(pin).any() else None, pin_dev)
     return phy2log, dev, ok
 
 
-def _fill(w, T, num_slots, G, first_size, rep_size, cap):
+def _fill(w, T, num_slots, G, first_size, rep_size, cap, orig_cap=None, pin=None, pin_dev=None):
     """One level-``T`` fill (see ``fill_layout``). Returns ``(expert, device, first [L, S]`` (-1 pad), ``ok [L])``."""
     L, E = w.shape
     S = int(num_slots.max())
@@ -212,6 +235,11 @@ def _fill(w, T, num_slots, G, first_size, rep_size, cap):
     cap_all = cap[:, None] + _EPS
     w_o, f_o, r_o, whole_o = (x.gather(1, order) for x in (w, first_size, rep_size, ~split))
     gid = torch.arange(G)
+    originals = torch.zeros(L, G)
+    if pin is not None:
+        pinned = torch.as_tensor(pin).expand(L)
+        pin_o = (order * G // E) if pin_dev is None else pin_dev.gather(1, order)
+    ocap = torch.full((L, 1), float("inf")) if orig_cap is None else torch.as_tensor(orig_cap).double().expand(L)[:, None]
     for j in range(E):
         e, rest, whole = order[:, j], w_o[:, j].clone(), whole_o[:, j]
         held = torch.zeros(L, G, dtype=torch.bool)
@@ -222,8 +250,12 @@ def _fill(w, T, num_slots, G, first_size, rep_size, cap):
                 break
             sz = torch.where(is_first, f_o[:, j], r_o[:, j])[:, None]
             room = (used + sz <= cap_all) & ~held & ((rem > tiny[:, None]) | is_first[:, None])
+            room &= ~is_first[:, None] | (originals < ocap)
+            if pin is not None:  # pinned rows: each original stays on its standard-EP device
+                home = (gid == pin_o[:, j][:, None]) & (used + sz <= cap_all)
+                room = torch.where((pinned & is_first)[:, None], home, room)
             kept = room & (used + sz <= cap_whole)
-            room = torch.where((whole & kept.any(-1))[:, None], kept, room)
+            room = torch.where((whole & kept.any(-1) & (~pinned if pin is not None else True))[:, None], kept, room)
             has = room.any(-1)
             full = n >= num_slots
             ok &= ~active | (has & ~full)
@@ -238,6 +270,7 @@ def _fill(w, T, num_slots, G, first_size, rep_size, cap):
             rem -= hot * piece[:, None]
             used += hot * sz
             held |= hot
+            originals += hot * is_first[:, None]
             rest -= piece * go
             is_first &= ~go
             n += go.long()
@@ -247,7 +280,7 @@ def _fill(w, T, num_slots, G, first_size, rep_size, cap):
 
 
 def fill_layout(weight: torch.Tensor, num_slots: torch.Tensor, num_devices: int, first_size=None, replica_size=None,
-                capacity=None, fill_all: bool = False, iters: int = 8):
+                capacity=None, fill_all: bool = False, iters: int = 8, spread=False, pin=False, pin_dev=None):
     """Replicas and devices for **load-aware** dispatch: fill every device up to one level T.
 
     ``weight [L, E]``; ``num_slots [L]`` the most slots a layer may use; ``first_size`` /
@@ -262,7 +295,12 @@ def fill_layout(weight: torch.Tensor, num_slots: torch.Tensor, num_devices: int,
     sit on distinct devices. With ``fill_all`` leftover room is filled with extra copies of the
     heaviest per-copy experts (engines need every slot). Returns ``phy2log [L, P]``,
     ``slot_device [L, P]`` (-1 pad; slots 0..E-1 the originals), ``level [L]`` (T / mean) and
-    ``ok [L]`` (False: nothing fits, even the top level).
+    ``ok [L]`` (False: nothing fits, even the top level). ``spread``: at most ``ceil(E / G)``
+    originals per device, as on standard EP (experts cold in calibration are not stacked on one
+    device, where a shifted mix that heats them would meet them together). ``pin [L]``: rows whose
+    originals stay on their device in ``pin_dev [L, E]`` (default standard EP, ``e * G // E``; only
+    the extra copies are placed): with load-aware dispatch such a layout is never busier than the
+    pinned one without copies, whatever the traffic.
     """
     w = weight.double()
     L, E = w.shape
@@ -276,14 +314,18 @@ def fill_layout(weight: torch.Tensor, num_slots: torch.Tensor, num_devices: int,
     cap = torch.as_tensor(capacity, dtype=torch.float64).expand(L)
     mean = w.sum(-1) / G
     lo, hi = mean.clone(), mean + w.max(-1).values
-    best = _fill(w, hi, num_slots, G, first_size, replica_size, cap)
-    two = _fill(w, 2 * mean, num_slots, G, first_size, replica_size, cap)  # a tighter bracket when it fits
+    spread = torch.as_tensor(spread).expand(L)
+    oc = torch.where(spread, float(math.ceil(E / G)), float("inf")) if spread.any() else None
+    pin = torch.as_tensor(pin).expand(L)
+    pn = pin if pin.any() else None
+    best = _fill(w, hi, num_slots, G, first_size, replica_size, cap, oc, pn, pin_dev)
+    two = _fill(w, 2 * mean, num_slots, G, first_size, replica_size, cap, oc, pn, pin_dev)  # a tighter bracket when it fits
     feas = two[3] & (2 * mean < hi)
     hi = torch.where(feas, 2 * mean, hi)
     best = tuple(torch.where(feas.view(L, *([1] * (b.dim() - 1))), g, b) for g, b in zip(two, best))
     for _ in range(iters):
         mid = (lo + hi) / 2
-        got = _fill(w, mid, num_slots, G, first_size, replica_size, cap)
+        got = _fill(w, mid, num_slots, G, first_size, replica_size, cap, oc, pn, pin_dev)
         feas = got[3]
         hi = torch.where(feas, mid, hi)
         lo = torch.where(feas, lo, mid)

@@ -116,11 +116,16 @@ def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schem
 @click.option("--ep-devices", type=int, default=None,
               help="Also make each layer's slots pack onto this many expert-parallel devices within the original "
                    "per-device memory (cheaper schemes first, then fewer replicas).")
+@click.option("--ep-size", type=int, default=None,
+              help="Plan for this many expert-parallel devices: per-step, shift-robust replicas placed within each "
+                   "device's share, hot experts kept in source precision, --max-error default "
+                   f"{defaults.MAX_ERROR:g}; writes the placement into the routing map (load-aware dispatch). "
+                   "--strategy is not used.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, importance, max_error, ep_devices,
-            dry_run, force, as_json):
+            ep_size, dry_run, force, as_json):
     """Replicate heavy-hitter experts and quantize cold ones of MODEL (default: bundled tiny MoE)."""
     from .report_text import plan_table
     from .rewrite import rewrite as run
@@ -129,7 +134,8 @@ def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, 
         raise RQError("--out is required (or use --dry-run to only print the plan)")
     scheme_list = [s.strip() for s in schemes.split(",") if s.strip()]
     res = run(model, profile_path, out, budget=budget, global_budget=global_budget, strategy=strategy,
-              schemes=scheme_list, importance=importance, max_error=max_error, ep_devices=ep_devices, force=force,
+              schemes=scheme_list, importance=importance, max_error=max_error, ep_devices=ep_devices, ep_size=ep_size,
+              force=force,
               dry_run=dry_run,
               progress=not as_json)
     if as_json:

@@ -135,7 +135,39 @@ def model_section(args, log) -> dict:
                                       "plan_seconds": t_plan, "mean_slots_used": slots_used,
                                       "sequences": int(seq.shape[0])}
         log(f"{cname}: planned in {t_plan:.1f}s, choice {plan.choice}, ~{slots_used} slots per layer")
+    if not args.no_rewrite:
+        res["rewrite"] = rewrite_section(args, log, held, original, G)
     return res
+
+
+def rewrite_section(args, log, held, original, G) -> dict:
+    """The default ``rq rewrite --ep-size 8`` (budget 1.0x, accuracy guard) on the bundled model:
+    held-out perplexity vs the original, bf16 share, and per-step balance of its placement."""
+    import tempfile
+
+    from rq_tool import rewrite
+    from rq_tool.calibrate import calibrate
+    from rq_tool.eval import evaluate
+
+    prof = calibrate(None, defaults.DEFAULT_DATASET, num_samples=args.num_samples, progress=False)
+    with tempfile.TemporaryDirectory(prefix="rq-bench-balance-") as tmp:
+        out = f"{tmp}/tiny-ep{G}"
+        r = rewrite(None, prof, out, ep_size=G, progress=False)
+        plan = r.plan
+        lay = Layout(torch.nn.utils.rnn.pad_sequence([lp.phy2log for lp in plan.layers], True, -1),
+                     torch.nn.utils.rnn.pad_sequence([lp.slot_device for lp in plan.layers], True, -1))
+        table = per_step_balance(held, {"original": original, "rq rewrite": lay}, G, seed=args.seed,
+                                 policies=("load-aware",))
+        ev = evaluate(None, out, device_counts=(G,))
+    cand = ev["results"][1]
+    slots = [i for lp in plan.layers for i in lp.slot_scheme.tolist()]
+    ppl = {d: q["ppl_delta_pct"] for d, q in cand["quality"].items()}
+    row = {"ppl_delta_pct": ppl, "bytes_ratio": cand["bytes"]["ratio"],
+           "source_share": sum(1 for i in slots if i == 0) / len(slots), "slots": len(slots),
+           "replicas": sum(lp.num_replicas for lp in plan.layers), "per_step": table,
+           "choice": plan.balance["choice"], "pred_error": plan.pred_error}
+    log(f"rewrite --ep-size {G}: ppl delta {ppl}, bf16 share {row['source_share']:.2%}, {row['replicas']} replicas")
+    return row
 
 
 # ---------------------------------------------------------------------------- synthetic
@@ -223,6 +255,15 @@ def targets(model, synth, timing) -> list[tuple[str, bool, str]]:
             worse = [d for d, v in c["leave_one_domain_out"].items() if v["load-aware"]["rq"] > v["load-aware"]["original"]]
             out.append((f"{cname}: leave-one-domain-out never worse than the original",
                         not worse, "worse on " + ", ".join(worse) if worse else "no domain worse"))
+        rw = model.get("rewrite")
+        if rw:
+            worst = max(rw["ppl_delta_pct"].values())
+            out.append(("rq rewrite --ep-size 8 (default): held-out perplexity change <= +0.5% on every domain",
+                        worst <= 0.5, f"worst {worst:+.3f}%, {rw['source_share']:.1%} of slots bf16"))
+            la = rw["per_step"]["load-aware"][b]
+            out.append(("rq rewrite --ep-size 8 (1.0x memory): held-out mixed steps <= 1.10",
+                        la["mixed"]["rq rewrite"]["mean"] <= 1.10, f"{la['mixed']['rq rewrite']['mean']:.3f} "
+                        f"(standard EP {la['mixed']['original']['mean']:.3f})"))
     return out
 
 
@@ -241,6 +282,16 @@ def markdown(model, synth, timing, checks) -> str:
             lines += ["", "leave-one-domain-out (8 seqs/step, load-aware): " + ", ".join(
                 f"{d} {v['load-aware']['original']:.3f} -> {v['load-aware']['rq']:.3f}"
                 for d, v in c["leave_one_domain_out"].items()), ""]
+    rw = (model or {}).get("rewrite")
+    if rw:
+        lines += ["### rq rewrite --ep-size 8 (budget 1.0x, default accuracy guard)", "",
+                  f"held-out perplexity change per domain: " + ", ".join(f"{d} {v:+.3f}%" for d, v in rw["ppl_delta_pct"].items()),
+                  f"; expert bytes {rw['bytes_ratio']:.3f}x; {rw['source_share']:.1%} of {rw['slots']} slots bf16; "
+                  f"{rw['replicas']} replicas", "", "| seqs/step | steps | standard EP | rq rewrite |", "|---|---|---|---|"]
+        for b, by_steps in rw["per_step"]["load-aware"].items():
+            for st, v in by_steps.items():
+                lines.append(f"| {b} | {st} | {v['original']['mean']:.3f} | {v['rq rewrite']['mean']:.3f} |")
+        lines.append("")
     lines += ["### Synthetic Zipf (pooled loads, one step), EPLB's slot count", "",
               "| s | E | G | P | lower bound | EPLB | paper | rq round-robin | rq load-aware |", "|---|---|---|---|---|---|---|---|---|"]
     for r in synth:
@@ -263,6 +314,7 @@ def main() -> None:
     ap.add_argument("--timing-repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-model", action="store_true", help="skip the bundled-model section")
+    ap.add_argument("--no-rewrite", action="store_true", help="skip the rq rewrite --ep-size perplexity check")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     t0 = time.perf_counter()

@@ -11,6 +11,9 @@ run with. Candidates (replicas and devices chosen jointly, ``rq_tool.plan.layout
 - ``mean``: planned on the mean load; ``shrunk``: on half the mean load share and half uniform
   (hedges against a shifted mix); for ``load-aware`` dispatch the level fill (``fill_layout``),
   for ``round-robin`` even splits the greedy copies + LPT placement (``build_layout``);
+- ``pinned``: the original layout's experts where they are, plus copies into the room left (with
+  load-aware dispatch never busier than the original); ``spread``: at most ``ceil(E / G)``
+  originals per device; ``packed``: greedy copies + LPT placement under either policy;
 - ``original``: the layout the deployment would have without rq (standard EP, or the engine's
   identity + round-robin redundancy).
 
@@ -31,7 +34,7 @@ import torch
 from .layout import build_layout, fill_layout
 from .steps import POLICIES, contiguous_layout, sample_steps, spread, step_max_mean
 
-CANDIDATES = ("pinned", "mean", "shrunk", "spread")
+CANDIDATES = ("pinned", "mean", "shrunk", "spread", "packed")
 NUM_STEPS = 24  # steps scored per fold and candidate
 MAX_FOLDS = 4
 
@@ -106,17 +109,41 @@ def _weight(seq_loads, idx, kind):
 
 def candidate_layout(weight: torch.Tensor, num_slots: torch.Tensor, G: int, policy: str, *, first_size=None,
                      replica_size=None, capacity=None, fill_all: bool = False, spread=False, pin=False,
-                     pin_dev=None) -> Layout:
-    """Replicas + devices for one planning load ``weight [L, E]`` (see module docstring)."""
-    if policy == "load-aware":
-        phy, dev, _, ok = fill_layout(weight, num_slots, G, first_size, replica_size, capacity, fill_all=fill_all,
-                                      spread=spread, pin=pin, pin_dev=pin_dev)
-    else:
-        size_fn = None if first_size is None else (lambda p: _slot_sizes(p, first_size, replica_size))
-        phy, dev, ok = build_layout(weight, num_slots, G, size_fn, capacity, spread=spread, pin=pin, pin_dev=pin_dev)
+                     pin_dev=None, packed=False) -> Layout:
+    """Replicas + devices for planning loads ``weight [L, E]`` (see module docstring); the keyword
+    tensors are per row. ``packed [L]`` rows use the greedy copies + LPT placement whatever the policy."""
+    L, E = weight.shape
+    packed = torch.as_tensor(packed).expand(L) | (policy != "load-aware")
+    per_row = dict(first_size=first_size, replica_size=replica_size, capacity=capacity, spread=spread, pin=pin,
+                   pin_dev=pin_dev)
+
+    def sub(rows):
+        return {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == L else v)
+                for k, v in per_row.items()}
+
+    parts = []
+    for rows, use_fill in ((~packed).nonzero().flatten(), True), (packed.nonzero().flatten(), False):
+        if rows.numel() == 0:
+            continue
+        kw = sub(rows)
+        if use_fill:
+            phy, dev, _, ok = fill_layout(weight[rows], num_slots[rows], G, kw["first_size"], kw["replica_size"],
+                                          kw["capacity"], fill_all=fill_all, spread=kw["spread"], pin=kw["pin"],
+                                          pin_dev=kw["pin_dev"])
+        else:
+            fs, rs = kw["first_size"], kw["replica_size"]
+            size_fn = None if fs is None else (lambda p, fs=fs, rs=rs: _slot_sizes(p, fs, rs))
+            phy, dev, ok = build_layout(weight[rows], num_slots[rows], G, size_fn, kw["capacity"], spread=kw["spread"],
+                                        pin=kw["pin"], pin_dev=kw["pin_dev"])
+        parts.append((rows, phy, dev, ok))
+    P = max(p[1].shape[1] for p in parts)
+    phy = torch.full((L, P), -1, dtype=torch.int64)
+    dev = torch.full((L, P), -1, dtype=torch.int64)
+    ok = torch.ones(L, dtype=torch.bool)
+    for rows, ph, de, o in parts:
+        phy[rows, : ph.shape[1]], dev[rows, : de.shape[1]], ok[rows] = ph, de, o
     if not bool(ok.all()):
         # a layer that does not fit: its originals alone on standard EP (always fits its share)
-        L, E = weight.shape
         o_phy, o_dev = contiguous_layout(L, E, G)
         P = max(phy.shape[1], E)
         phy = torch.cat([phy, torch.full((L, P - phy.shape[1]), -1, dtype=torch.int64)], 1)
@@ -179,7 +206,7 @@ def plan_balance(seq_loads: torch.Tensor, num_devices: int, num_slots, original:
     kw_all = dict(first_size=rep(first_size), replica_size=rep(replica_size),
                   capacity=None if capacity is None else torch.as_tensor(capacity, dtype=torch.float64).expand(L).repeat(K),
                   fill_all=fill_all, spread=_rows(CANDIDATES, "spread", L, K), pin=_rows(CANDIDATES, "pinned", L, K),
-                  pin_dev=original.slot_device[:, :E].repeat(K, 1))
+                  pin_dev=original.slot_device[:, :E].repeat(K, 1), packed=_rows(CANDIDATES, "packed", L, K))
     lay = candidate_layout(torch.cat(weights), num_slots.repeat(K), G, policy, **kw_all)
     B = min(st.shape[0] for st in steps)
     nc = F * len(CANDIDATES) * L

@@ -54,12 +54,15 @@ def plan_inputs(profile: Profile, layout: ExpertLayout, schemes, importance: str
 
 def build_plan(profile: Profile, layout: ExpertLayout, *, budget, global_budget: bool, strategy: str, schemes,
                importance: str = "quant_error", max_error: float | None = None, ep_devices: int | None = None,
-               **option_overrides):
+               ep_size: int | None = None, **option_overrides):
     from ..plan import PlanOptions, make_plan, resolve_budget
 
     load, error, names, scheme_bytes = plan_inputs(profile, layout, schemes, importance)
     layer_bytes = torch.full((load.shape[0],), layout.num_experts * int(scheme_bytes[0]), dtype=torch.int64)
     budget_bytes = resolve_budget(budget, layer_bytes, global_budget)
+    if ep_size is not None:
+        return _build_ep_plan(profile, layout, load, error, names, scheme_bytes, budget_bytes, global_budget,
+                              ep_size, ep_devices, importance, max_error)
     options = PlanOptions(strategy=strategy, max_error=max_error, error_weight=importance, **option_overrides)
     plan = make_plan(load, error, names, scheme_bytes, budget_bytes, options, global_budget=global_budget,
                      layer_ids=list(layout.layers))
@@ -68,3 +71,21 @@ def build_plan(profile: Profile, layout: ExpertLayout, *, budget, global_budget:
 
         plan = fit_devices(plan, load, error, ep_devices)
     return plan
+
+
+def _build_ep_plan(profile, layout, load, error, names, scheme_bytes, budget_bytes, global_budget, ep_size, ep_devices,
+                   importance, max_error):
+    """``--ep-size G``: the per-step, shift-robust planner with device placement (``rq_tool.plan.ep_plan``)."""
+    from .. import defaults
+    from ..plan.ep_plan import plan_ep
+
+    if int(ep_size) < 1:
+        raise RQError(f"--ep-size must be >= 1, got {ep_size}")
+    if ep_devices is not None:
+        raise RQError("--ep-size places slots on devices itself; drop --ep-devices")
+    if global_budget:
+        raise RQError("--ep-size plans each layer within its own per-device shares; drop --global")
+    seq = profile.seq_loads.double() if profile.seq_loads is not None else load[None]
+    return plan_ep(seq, error, names, scheme_bytes, budget_bytes, int(ep_size),
+                   max_error=defaults.MAX_ERROR if max_error is None else max_error, groups=profile.seq_domain,
+                   group_names=profile.domains, layer_ids=list(layout.layers), error_weight=importance)

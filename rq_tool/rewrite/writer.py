@@ -60,6 +60,7 @@ def rewrite(
     importance: str = "quant_error",
     max_error: float | None = None,
     ep_devices: int | None = None,
+    ep_size: int | None = None,
     force: bool = False,
     dry_run: bool = False,
     progress: bool = True,
@@ -87,7 +88,8 @@ def rewrite(
     ckpt = SafetensorsCheckpoint(src)
     layout = read_layout(ckpt, family)
     plan = build_plan(profile, layout, budget=budget, global_budget=global_budget, strategy=strategy,
-                      schemes=schemes, importance=importance, max_error=max_error, ep_devices=ep_devices)
+                      schemes=schemes, importance=importance, max_error=max_error, ep_devices=ep_devices,
+                      ep_size=ep_size)
     rmap = routing_map_from_plan(plan, layout, family.activation(config))
     if dry_run or out is None:
         return RewriteResult(plan, rmap, None, layout)
@@ -120,8 +122,11 @@ def routing_map_from_plan(plan, layout: ExpertLayout, activation: str) -> Routin
     layers = []
     for layer, lp in zip(layout.layers, plan.layers):
         layers.append(LayerMap(layer, lp.phy2log.clone(), lp.log2phy.clone(), lp.logcnt.clone(),
-                               tuple(plan.schemes[int(i)] for i in lp.slot_scheme)))
-    rmap = RoutingMap(layout.num_experts, layers, layout.source_scheme, activation)
+                               tuple(plan.schemes[int(i)] for i in lp.slot_scheme),
+                               None if lp.slot_device is None else lp.slot_device.clone()))
+    placed = getattr(plan, "num_devices", None)
+    rmap = RoutingMap(layout.num_experts, layers, layout.source_scheme, activation,
+                      defaults.LOAD_AWARE_POLICY if placed else defaults.SPLIT_POLICY, placed)
     rmap.validate("planned routing map")
     return rmap
 

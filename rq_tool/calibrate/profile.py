@@ -167,6 +167,7 @@ class Profile:
     def save(self, path) -> None:
         """Write atomically (temporary file + rename); per-sequence loads go to a safetensors file beside it."""
         path = Path(path)
+        doc = self.to_dict()
         if self.seq_loads is not None:
             from safetensors.torch import save
 
@@ -178,11 +179,11 @@ class Profile:
             tmp = path.with_name(f".{name}.tmp")
             tmp.write_bytes(blob)
             tmp.replace(path.with_name(name))
-            self.loads_ref = {"file": name, "sha256": hashlib.sha256(blob).hexdigest(),
-                              "shape": list(self.seq_loads.shape), "unit": "sequence",
-                              "tokens_per_sequence": self.calibration.get("seq_len"), "domains": self.domains}
+            doc["loads"] = {"file": name, "sha256": hashlib.sha256(blob).hexdigest(),
+                            "shape": list(self.seq_loads.shape), "unit": "sequence",
+                            "tokens_per_sequence": self.calibration.get("seq_len"), "domains": self.domains}
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
         tmp.replace(path)
 
     @classmethod

@@ -73,7 +73,7 @@ def eval_cmd(original, rewritten, datasets, max_tokens, seq_len, batch_size, wei
              laser_t_fix, laser_candidates, out_path, as_json):
     """Compare REWRITTEN with ORIGINAL on held-out data: perplexity, accuracy, LIS, bytes, simulated EP."""
     from .baselines import markdown_table
-    from .run import detail_text, evaluate
+    from .run import detail_text, evaluate, per_step_text
 
     cfg = LaserConfig(laser_eps_high, laser_t_fix, laser_candidates) if laser else None
     res = evaluate(original, rewritten, datasets=datasets, max_tokens=max_tokens, seq_len=seq_len,
@@ -87,6 +87,9 @@ def eval_cmd(original, rewritten, datasets, max_tokens, seq_len, batch_size, wei
     for r in res["results"][1:]:
         click.echo("")
         click.echo(detail_text(r))
+    if res.get("per_step"):
+        click.echo("")
+        click.echo(per_step_text(res["per_step"]))
     if out_path:
         click.echo(f"wrote {out_path}")
 

@@ -116,7 +116,7 @@ def model_section(args, log) -> dict:
     for cname, (seq, dom, names) in cals.items():
         t0 = time.perf_counter()
         plan = plan_balance(seq, G, P, original, policy="load-aware", per_step=defaults.SEQS_PER_STEP, groups=dom,
-                            group_names=names, fill_all=False)
+                            group_names=names, fill_all=True)
         t_plan = time.perf_counter() - t0
         layouts = {"original": original, "eplb": eplb_layout(seq.sum(0).double(), P, G), "rq": plan.layout}
         table = per_step_balance(held, layouts, G, seed=args.seed)
@@ -126,7 +126,7 @@ def model_section(args, log) -> dict:
                 continue
             keep = dom != i
             p_d = plan_balance(seq[keep], G, P, original, policy="load-aware", per_step=defaults.SEQS_PER_STEP,
-                               groups=dom[keep], group_names=names, fill_all=False)
+                               groups=dom[keep], group_names=names, fill_all=True)
             t = per_step_balance({d: held[d]}, {"original": original, "rq": p_d.layout}, G,
                                  per_steps=(defaults.SEQS_PER_STEP,), seed=args.seed)
             lodo[d] = {pol: {k: v["mean"] for k, v in t[pol][defaults.SEQS_PER_STEP][d].items()} for pol in t}

@@ -21,7 +21,9 @@ Robustness: the calibration sequences are split into folds (their domain tags, e
 clusters of their load shares); every candidate is planned without fold f and scored on steps of
 fold f alone (held-out, single-domain). Per layer the candidate with the lowest worst-fold ratio
 to the original wins (ties: the mean ratio, then the simpler candidate); the original scores 1.0
-by definition, so on the calibration's own held-out folds the choice never does harm. The winner
+by definition, so on the calibration's own held-out folds the choice never does harm. With
+load-aware dispatch ``pinned`` is safe on any traffic, so the others must beat it by
+``SAFETY_MARGIN`` on the worst fold. The winner
 is then planned on all sequences. With fewer than two folds every candidate is scored in-sample.
 """
 
@@ -37,6 +39,7 @@ from .steps import POLICIES, contiguous_layout, sample_steps, spread, step_max_m
 CANDIDATES = ("pinned", "mean", "shrunk", "spread", "packed")
 NUM_STEPS = 24  # steps scored per fold and candidate
 MAX_FOLDS = 4
+SAFETY_MARGIN = 0.05  # load-aware: a candidate other than "pinned" must beat it by this on the worst fold
 
 
 @dataclass
@@ -219,6 +222,10 @@ def plan_balance(seq_loads: torch.Tensor, num_devices: int, num_slots, original:
     order = torch.arange(C, dtype=torch.float64)[:, None] * 1e-9  # ties: the earlier (simpler) candidate
     score = worst + 1e-6 * mean + order
     score[-1] = 1.0 + 1e-6 + order[-1]  # the original: ratio 1 on every fold
+    if policy == "load-aware" and fold is not None:
+        # only the pinned layout is safe by construction; the others must win by SAFETY_MARGIN on
+        # the worst held-out fold (folds of the calibration set are a small sample of the shifts)
+        score[1:-1] += SAFETY_MARGIN
     pick = score.argmin(0).tolist()
     finals = [Layout(lay.phy2log[nc + c * L: nc + (c + 1) * L], lay.slot_device[nc + c * L: nc + (c + 1) * L])
               for c in range(len(CANDIDATES))]

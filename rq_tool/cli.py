@@ -153,12 +153,17 @@ def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schem
 @click.option("--ep-devices", type=BoundedInt(1, MAX_DEVICES), default=_REWRITE.ep_devices,
               help="Also make each layer's slots pack onto this many expert-parallel devices within the original "
                    "per-device memory (cheaper schemes first, then fewer replicas).")
+@click.option("--ep-size", type=BoundedInt(1, MAX_DEVICES), default=_REWRITE.ep_size,
+              help="Plan for this many expert-parallel devices: per-step, shift-robust replicas placed within each "
+                   "device's share, hot experts kept in source precision, --max-error default "
+                   f"{defaults.MAX_ERROR:g}; writes the placement into the routing map (load-aware dispatch). "
+                   "--strategy is not used.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory written by rq (never any other "
               "directory: rq checks its manifest lists every file there).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, importance, max_error, ep_devices,
-            dry_run, force, as_json):
+            ep_size, dry_run, force, as_json):
     """Replicate heavy-hitter experts and quantize cold ones of MODEL (default: bundled tiny MoE)."""
     from .report_text import plan_table
     from .rewrite import rewrite as run
@@ -166,7 +171,8 @@ def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, 
     if out is None and not dry_run:
         raise RQError("--out is required (or use --dry-run to only print the plan)")
     config = RewriteConfig(budget=budget, global_budget=global_budget, strategy=strategy, schemes=tuple(schemes),
-                           importance=importance, max_error=max_error, ep_devices=ep_devices)
+                           importance=importance, max_error=max_error, ep_devices=ep_devices,
+                           ep_size=ep_size)
     res = run(model, profile_path, out, config, force=force, dry_run=dry_run, progress=not as_json)
     if as_json:
         click.echo(json.dumps({"plan": res.plan.to_dict(), "out": str(res.out) if res.out else None}))
@@ -224,6 +230,7 @@ def _register_stage_commands() -> None:
     main.add_command(eval_cmd)
     main.add_command(report)
     main.add_command(export)
+    main.add_command(__import__("rq_tool.plan.cli", fromlist=["plan_cmd"]).plan_cmd)
 
 
 _register_stage_commands()

@@ -10,7 +10,9 @@ from importlib import resources
 from pathlib import Path
 
 # ---- file formats (name, version) -------------------------------------------------------
-PROFILE_FORMAT = ("rq-profile", 1)
+PROFILE_FORMAT = ("rq-profile", 2)  # v2: per-sequence loads [N, L, E] in a safetensors file beside it
+PROFILE_READABLE = (1,)  # older profile versions that still load
+PROFILE_LOADS_SUFFIX = ".loads.safetensors"  # profile.json -> profile.loads.safetensors
 ROUTING_MAP_FORMAT = ("rq-routing-map", 2)  # v2: optional device placement, load-aware split
 ROUTING_MAP_READABLE = (1,)  # older routing-map versions the runtime still reads
 MANIFEST_FORMAT = ("rq-manifest", 1)
@@ -42,7 +44,8 @@ NUM_SAMPLES = 128  # packed sequences
 SEQ_LEN = 256
 BATCH_SIZE = 8
 SEED = 0
-LIS_BATCH_SIZES = (1, 4, 16, 64)  # per-batch LIS is reported for these (sequences per batch)
+LIS_BATCH_SIZES = (1, 4, 16, 64)
+TAG_FIELDS = ("domain", "source")  # JSONL fields naming a document's domain (kept per sequence)  # per-batch LIS is reported for these (sequences per batch)
 
 # ---- rewrite ----------------------------------------------------------------------------
 BUDGET = 1.0  # x the original expert bytes of each MoE layer
@@ -55,6 +58,12 @@ SPLIT_POLICY = "round-robin-by-occurrence"  # j-th occurrence of expert e -> rep
 # per step, water-fill each expert's pairs over its replicas' devices (rq_tool.kernels.split); needs a placement
 LOAD_AWARE_POLICY = "load-aware"
 SPLIT_POLICIES = (SPLIT_POLICY, LOAD_AWARE_POLICY)
+
+# ---- per-step balance planning (rq plan, rq rewrite --ep-size) ---------------------------
+SEQS_PER_STEP = 8  # calibration sequences summed into one planned step (when --batch-tokens is not given)
+PLAN_BUDGET = 1.125  # rq plan: physical slots per layer = this x E, rounded down to a multiple of --ep-size
+MAX_ERROR = 1e-3  # default --max-error with --ep-size: predicted noise <= 0.1% of a layer's expert output power
+STEP_COUNTS = (1, 8, 64)  # sequences per step the evaluation reports
 
 
 # ---- evaluation ---------------------------------------------------------------------------

@@ -193,8 +193,9 @@ def test_infeasible_budget_names_the_layer():
 def test_plan_json_round_trip():
     plan = _plan(HOT.repeat(2, 1), _error([8, 1, 2, 3], [16, 2, 4, 6]).repeat(2, 1, 1), THREE, torch.tensor([400, 380]))
     d = json.loads(json.dumps(plan.to_dict()))
-    assert d["format"] == "rq-plan" and d["version"] == 1 and d["totals"]["bytes_after"] == plan.bytes_after
+    assert d["format"] == "rq-plan" and d["version"] == 2 and d["totals"]["bytes_after"] == plan.bytes_after
     again = Plan.from_dict(d)
+    assert Plan.from_dict({**d, "version": 1}).to_dict() == plan.to_dict()  # v1 plans (no placement) still load
     assert again.to_dict() == plan.to_dict() and again.options == plan.options
     with pytest.raises(RQError, match="not an rq plan"):
         Plan.from_dict({"format": "other"})

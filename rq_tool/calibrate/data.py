@@ -28,6 +28,8 @@ class CalibrationData:
     sha256: str  # of the raw texts, in order
     input_ids: torch.Tensor
     num_texts: int
+    seq_domain: torch.Tensor | None = None  # [N] int64 majority domain (by tokens) of each sequence
+    domains: tuple[str, ...] | None = None  # names seq_domain indexes
 
     @property
     def num_tokens(self) -> int:
@@ -72,6 +74,49 @@ def _texts_from_dataset(ds, where: str) -> list[str]:
         raise RQError(f"{where}: no text column (columns: {', '.join(ds.column_names)}; expected one of "
                       f"{', '.join(TEXT_COLUMNS)})")
     return [t for t in ds[col] if isinstance(t, str)]
+
+
+def _tags_from_jsonl(path: Path) -> list[str | None]:
+    """Per text row of a JSONL file, its ``domain``/``source`` field (``defaults.TAG_FIELDS``) or None."""
+    tags = []
+    with path.open("rb") as f:
+        for raw in f:
+            line = raw.decode("utf-8", errors="replace")
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            tag = next((row[k] for k in defaults.TAG_FIELDS if isinstance(row, dict) and isinstance(row.get(k), str)),
+                       None)
+            tags.append(tag)
+    return tags
+
+
+def load_tags(spec: str, texts: list[str]) -> list[str] | None:
+    """Domain tag of each text of ``load_texts(spec)``, or None when the data has none.
+
+    A JSONL row's ``domain`` / ``source`` field; a bundled per-domain set is that domain; a
+    bundled mixed set (``mix``) traces each document back to the per-domain set holding it.
+    """
+    bundled = defaults.calibration_sets_dir() / f"{spec}.jsonl"
+    path = bundled if ("/" not in spec and "." not in spec and bundled.is_file()) else Path(spec)
+    if path.suffix not in (".jsonl", ".json") or not path.is_file():
+        return None
+    tags = _tags_from_jsonl(path)
+    if len(tags) == len(texts) and all(t is not None for t in tags):
+        return tags
+    if path != bundled:
+        return [t if t is not None else "untagged" for t in tags] if any(tags) and len(tags) == len(texts) else None
+    others = [d for d in bundled_sets() if d != spec]
+    owner: dict[str, str] = {}
+    for d in others:
+        for t in _texts_from_jsonl(defaults.calibration_sets_dir() / f"{d}.jsonl"):
+            owner.setdefault(t, d)
+    if texts and all(t in owner for t in texts):
+        # a per-domain set owns only its own texts; a mixed set's texts are owned by the per-domain ones
+        if all(owner[t] == spec for t in texts):
+            return [spec] * len(texts)
+        return [owner[t] for t in texts]
+    return [spec] * len(texts)
 
 
 def load_texts(spec: str) -> tuple[str, list[str]]:
@@ -127,8 +172,16 @@ def texts_sha256(texts: list[str]) -> str:
     return digest.hexdigest()
 
 
-def pack(texts: list[str], tokenizer, *, num_samples: int, seq_len: int, seed: int, name: str) -> CalibrationData:
-    """Shuffle documents with ``seed``, tokenize, join with EOS, pack into ``[N, seq_len]``."""
+def pack(texts: list[str], tokenizer, *, num_samples: int, seq_len: int, seed: int, name: str,
+         tags: list[str] | None = None) -> CalibrationData:
+    """Shuffle documents with ``seed``, tokenize, join with EOS, pack into ``[N, seq_len]``.
+
+    ``tags [len(texts)]``: a domain per text; each sequence then records its majority domain.
+    """
+    if tags is not None:
+        assert len(tags) == len(texts), "one tag per text"
+        kept = [(t, g) for t, g in zip(texts, tags) if t and t.strip()]
+        texts, tags = [t for t, _ in kept], [g for _, g in kept]
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise RQError(f"calibration data {name!r} has no non-empty texts")
@@ -139,10 +192,12 @@ def pack(texts: list[str], tokenizer, *, num_samples: int, seq_len: int, seed: i
     sep = tokenizer.eos_token_id
     need = num_samples * seq_len
     ids: list[int] = []
+    owner: list[int] = []  # text index of every token
     for i in order:
         ids.extend(tokenizer(texts[i], add_special_tokens=False, verbose=False)["input_ids"])
         if sep is not None:
             ids.append(sep)
+        owner.extend([i] * (len(ids) - len(owner)))
         if len(ids) >= need:
             break
     n = min(num_samples, len(ids) // seq_len)
@@ -153,4 +208,11 @@ def pack(texts: list[str], tokenizer, *, num_samples: int, seq_len: int, seed: i
 
         warnings.warn(f"calibration data {name!r} yields {n} sequences of {seq_len} tokens, not {num_samples}")
     input_ids = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
-    return CalibrationData(name=name, sha256=texts_sha256(texts), input_ids=input_ids, num_texts=len(texts))
+    seq_domain = domains = None
+    if tags is not None:
+        domains = tuple(sorted(set(tags)))
+        tag_id = torch.tensor([domains.index(tags[i]) for i in owner[: n * seq_len]]).view(n, seq_len)
+        hist = torch.zeros(n, len(domains), dtype=torch.int64).scatter_add_(1, tag_id, torch.ones_like(tag_id))
+        seq_domain = hist.argmax(-1)  # ties: the first domain name
+    return CalibrationData(name=name, sha256=texts_sha256(texts), input_ids=input_ids, num_texts=len(texts),
+                           seq_domain=seq_domain, domains=domains)

@@ -1,8 +1,8 @@
 """profile.json: the versioned, human-readable result of ``rq calibrate``.
 
-Layout (format ``rq-profile``, version 1)::
+Layout (format ``rq-profile``, version 2; version 1 = the same without ``loads``)::
 
-    {"format": "rq-profile", "version": 1, "rq_version": "...",
+    {"format": "rq-profile", "version": 2, "rq_version": "...",
      "model": {"path", "model_type", "family", "config_sha256", "num_experts", "top_k",
                "num_hidden_layers", "moe_layers", "expert_dtype", "activation"},
      "calibration": {"dataset", "sha256", "sequences", "seq_len", "tokens", "batch_size", "seed"},
@@ -12,9 +12,18 @@ Layout (format ``rq-profile``, version 1)::
                  "lis_by_batch": {"1": {"mean", "max", "batches"}, ...},
                  "shared": null | {"tokens", "output_energy"}}]}
 
+     "loads": null | {"file": "profile.loads.safetensors", "sha256": "...", "shape": [N, L, E],
+               "unit": "sequence", "tokens_per_sequence": S, "domains": null | ["code", ...]}}
+
 ``layer`` is the absolute decoder-layer index (dense layers are simply absent); ``moe_layers``
 (optional, written since issue 11) lists the model's MoE layers, so a profile missing one is refused
 instead of being exported as a dense layer.
+
+The distribution behind the pooled loads (v2): ``loads [N, L, E]`` int64, the routed token-slots
+of every calibration sequence, and when the calibration texts carry domain tags ``domain [N]``
+int64 (index into ``loads.domains``: each sequence's majority domain by tokens), in a safetensors
+file beside profile.json, referenced by name and sha256 (a changed file is refused; a missing one,
+e.g. a profile copied without it, loads with ``seq_loads = None``: pooled loads only).
 """
 
 from __future__ import annotations
@@ -72,6 +81,10 @@ class Profile:
     calibration: dict
     schemes: list[str]
     layers: list[LayerProfile]
+    seq_loads: torch.Tensor | None = None  # [N, L, E] int64 per calibration sequence (v2)
+    seq_domain: torch.Tensor | None = None  # [N] int64 index into ``domains``
+    domains: list[str] | None = None
+    loads_ref: dict | None = None  # the "loads" entry of the JSON, once saved or loaded
 
     # ------------------------------------------------------------------ views
     @property
@@ -92,6 +105,11 @@ class Profile:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
+        d = self._dict()
+        d["loads"] = self.loads_ref
+        return d
+
+    def _dict(self) -> dict:
         return {
             "format": _FORMAT,
             "version": _VERSION,
@@ -117,7 +135,7 @@ class Profile:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "profile") -> "Profile":
-        check_format(d, defaults.PROFILE_FORMAT, "profile", where)
+        check_format(d, defaults.PROFILE_FORMAT, "profile", where, defaults.PROFILE_READABLE)
         _check_types(d, where)
         try:
             E = int(d["model"]["num_experts"])
@@ -148,22 +166,68 @@ class Profile:
             raise RQError(f"{where}: malformed profile ({type(e).__name__}: {e})") from None
         if not layers:
             raise RQError(f"{where}: profile has no MoE layers")
-        return cls(model=d["model"], calibration=d["calibration"], schemes=schemes, layers=layers)
+        ref = d.get("loads")
+        if ref is not None and not (isinstance(ref, dict) and isinstance(ref.get("file"), str)
+                                    and isinstance(ref.get("sha256"), str)):
+            raise RQError(f"{where}: malformed 'loads' entry (expected file and sha256)")
+        return cls(model=d["model"], calibration=d["calibration"], schemes=schemes, layers=layers, loads_ref=ref,
+                   domains=None if ref is None else ref.get("domains"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1) + "\n"
 
     def save(self, path) -> None:
-        """Write atomically (a unique temporary beside ``path`` + rename; concurrent saves never mix).
+        """Write atomically (a unique temporary beside ``path`` + rename; concurrent saves never mix);
+        per-sequence loads go to a safetensors file beside it, written first (the JSON names its hash).
         ``rq calibrate`` also applies the output policy (``rq_tool.outputs``); this library call does not."""
-        from ..outputs import write_text
+        from ..outputs import staged, write_text
 
-        write_text(path, self.to_json())
+        path = Path(path)
+        doc = self.to_dict()
+        if self.seq_loads is not None:
+            from safetensors.torch import save
+
+            tensors = {"loads": self.seq_loads.to(torch.int64).contiguous()}
+            if self.seq_domain is not None:
+                tensors["domain"] = self.seq_domain.to(torch.int64).contiguous()
+            blob = save(tensors, metadata={"format": "rq-profile-loads", "version": "1"})
+            name = (path.name[:-5] if path.name.endswith(".json") else path.name) + defaults.PROFILE_LOADS_SUFFIX
+            with staged(path.with_name(name)) as tmp:
+                tmp.write_bytes(blob)
+            doc["loads"] = {"file": name, "sha256": hashlib.sha256(blob).hexdigest(),
+                            "shape": list(self.seq_loads.shape), "unit": "sequence",
+                            "tokens_per_sequence": self.calibration.get("seq_len"), "domains": self.domains}
+        write_text(path, json.dumps(doc, indent=1) + "\n")
 
     @classmethod
     def load(cls, path) -> "Profile":
         d = read_json(path, f"profile {str(path)!r} not found")
-        return cls.from_dict(d, where=str(path))
+        prof = cls.from_dict(d, where=str(path))
+        if prof.loads_ref is not None:
+            prof._read_loads(Path(path).parent / prof.loads_ref["file"], str(path))
+        return prof
+
+    def _read_loads(self, file: Path, where: str) -> None:
+        if not file.is_file():
+            return  # e.g. a copy of profile.json without its loads file: pooled loads only
+        blob = file.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != self.loads_ref["sha256"]:
+            raise RQError(f"{where}: {file.name} does not match the sha256 the profile records (changed or damaged)")
+        from safetensors.torch import load
+
+        try:
+            tensors = load(blob)
+        except Exception as e:  # noqa: BLE001 -- a damaged safetensors file: name it
+            raise RQError(f"{file}: not a readable safetensors file ({type(e).__name__})") from None
+        loads = tensors.get("loads")
+        L, E = len(self.layers), self.num_experts
+        if loads is None or loads.dim() != 3 or tuple(loads.shape[1:]) != (L, E) or (loads < 0).any():
+            raise RQError(f"{file}: 'loads' must be [N, {L}, {E}] non-negative counts")
+        dom = tensors.get("domain")
+        if dom is not None and (dom.shape != (loads.shape[0],) or self.domains is None
+                                or (dom < 0).any() or (dom >= len(self.domains)).any()):
+            raise RQError(f"{file}: 'domain' must hold [{loads.shape[0]}] indices into the profile's domains")
+        self.seq_loads, self.seq_domain = loads.long(), None if dom is None else dom.long()
 
     def check_matches(self, config, where: str = "profile") -> None:
         """Raise RQError unless this profile was measured on a model with ``config``."""

@@ -12,7 +12,7 @@ from ..errors import RQError
 from ..lis import lis_by_batch
 from ..modelio import load_model, load_tokenizer, resolve_model_path
 from ..quant import QUANT_SCHEMES, scheme_for_dtype
-from .data import CalibrationData, load_texts, pack
+from .data import CalibrationData, load_tags, load_texts, pack
 from .profile import LayerProfile, Profile, config_fingerprint
 from .recorder import ExpertRecorder
 
@@ -58,9 +58,11 @@ def _calibrate(path, loaded, dataset, num_samples, seq_len, batch_size, seed, sc
     if batch_size < 1:
         raise RQError(f"--batch-size must be >= 1 (got {batch_size})")
     name, texts = load_texts(dataset)
-    data = pack(texts, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed, name=name)
-    layers = profile_model(hf_model, family, data, batch_size=batch_size, schemes=schemes,
-                           quant_error=quant_error, lis_batch_sizes=lis_batch_sizes, progress=progress)
+    data = pack(texts, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed, name=name,
+                tags=load_tags(dataset, texts))
+    layers, seq_loads = profile_model(hf_model, family, data, batch_size=batch_size, schemes=schemes,
+                                      quant_error=quant_error, lis_batch_sizes=lis_batch_sizes, progress=progress,
+                                      return_seq_loads=True)
     first = family.canonical_experts(family.moe_blocks(hf_model)[0][1].experts)
     return Profile(
         model={
@@ -87,13 +89,20 @@ def _calibrate(path, loaded, dataset, num_samples, seq_len, batch_size, seed, sc
         },
         schemes=list(schemes) if quant_error else [],
         layers=layers,
+        seq_loads=seq_loads,
+        seq_domain=data.seq_domain,
+        domains=None if data.domains is None else list(data.domains),
     )
 
 
 def profile_model(hf_model, family, data: CalibrationData, *, batch_size: int, schemes=QUANT_SCHEMES,
                   quant_error: bool = True, lis_batch_sizes=defaults.LIS_BATCH_SIZES,
-                  progress: bool = True) -> list[LayerProfile]:
-    """Run ``data.input_ids [N, S]`` through an already loaded model under the recorder."""
+                  progress: bool = True, return_seq_loads: bool = False):
+    """Run ``data.input_ids [N, S]`` through an already loaded model under the recorder.
+
+    Returns the ``LayerProfile`` list, and with ``return_seq_loads`` also ``seq_loads [N, L, E]``
+    int64 (each sequence's routed token-slots per layer and expert).
+    """
     ids = data.input_ids
     with torch.inference_mode(), ExpertRecorder(hf_model, family, schemes, quant_error) as rec:
         bar = tqdm(total=ids.shape[0], desc="calibrating", unit="seq", disable=not progress, leave=False)
@@ -103,9 +112,10 @@ def profile_model(hf_model, family, data: CalibrationData, *, batch_size: int, s
             hf_model(input_ids=batch, use_cache=False)
             bar.update(batch.shape[0])
         bar.close()
-    out = []
+    out, per_layer = [], []
     for st in rec.stats:
         seq_load = torch.cat(st.seq_load) if st.seq_load else torch.zeros(0, st.num_experts, dtype=torch.int64)
+        per_layer.append(seq_load)
         out.append(LayerProfile(
             layer=st.layer,
             load=st.load,
@@ -116,4 +126,6 @@ def profile_model(hf_model, family, data: CalibrationData, *, batch_size: int, s
             lis_by_batch=lis_by_batch(seq_load, lis_batch_sizes),
             shared={"tokens": st.shared_tokens, "output_energy": st.shared_energy} if st.has_shared else None,
         ))
+    if return_seq_loads:
+        return out, torch.stack(per_layer, dim=1) if per_layer else None
     return out

@@ -89,7 +89,7 @@ def eval_cmd(original, rewritten, datasets, max_tokens, seq_len, batch_size, wei
     """Compare REWRITTEN with ORIGINAL on held-out data: perplexity, accuracy, LIS, bytes, simulated EP."""
     from ..routing_policy import LaserConfig
     from .baselines import markdown_table
-    from .run import detail_text, evaluate
+    from .run import detail_text, evaluate, per_step_text
 
     inputs = [original, rewritten, *datasets]
     if out_path:
@@ -106,6 +106,9 @@ def eval_cmd(original, rewritten, datasets, max_tokens, seq_len, batch_size, wei
     for r in res["results"][1:]:
         click.echo("")
         click.echo(detail_text(r))
+    if res.get("per_step"):
+        click.echo("")
+        click.echo(per_step_text(res["per_step"]))
     if out_path:
         click.echo(f"wrote {out_path}")
 

@@ -124,3 +124,35 @@ def simulate_layer(load: torch.Tensor, slot_load: torch.Tensor, phy2log: torch.T
                        "fits_original_share": placed["fits_original_share"],
                        "eplb": eplb["max_mean"], "eplb_slots": eplb["slots"]}
     return out
+
+
+def per_step_balance(domain_loads: dict[str, torch.Tensor], layouts: dict, num_devices: int,
+                     per_steps=None, policies=None, num_steps: int = 64, seed: int = 0) -> dict:
+    """Per-step device max/mean of several layouts on held-out traffic, mixed and single-domain.
+
+    ``domain_loads[name] = seq_loads [N, L, E]`` per held-out sequence (one domain each);
+    ``layouts[name]``: a ``rq_tool.plan.balance.Layout`` (``phy2log``, ``slot_device [L, P]``, -1
+    padded). A step sums ``per_step`` sequences, drawn from every domain (``mixed``) or from one;
+    it is split over replicas by each policy (``rq_tool.plan.steps``). Returns
+    ``{policy: {per_step: {steps: {layout: {"mean", "p10", "p90", "max"}}}}}`` over steps of the
+    layer-mean max/mean (the same steps for every layout).
+    """
+    from .. import defaults
+    from ..plan.steps import POLICIES, sample_steps, spread, step_max_mean
+
+    per_steps = defaults.STEP_COUNTS if per_steps is None else per_steps
+    policies = POLICIES if policies is None else policies
+    names = list(domain_loads)
+    pooled = torch.cat([domain_loads[d] for d in names])
+    out: dict = {}
+    for policy in policies:
+        out[policy] = {}
+        for b in per_steps:
+            res = {}
+            for steps_name, loads in [("mixed", pooled)] + [(d, domain_loads[d]) for d in names]:
+                steps = sample_steps(loads, int(b), num_steps, seed)
+                res[steps_name] = {lay: spread(step_max_mean(steps, lo.phy2log, lo.slot_device, num_devices,
+                                                             policy).mean(1))
+                                   for lay, lo in layouts.items()}
+            out[policy][int(b)] = res
+    return out

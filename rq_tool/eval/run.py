@@ -48,13 +48,65 @@ def evaluate(original, rewritten, *, datasets=(), max_tokens: int = defaults.HEL
         las = score_original(src, heldout, batch_size=batch_size, name="laser", plan_load=plan_load,
                              info={"laser": laser.to_dict()}, policy=lambda m, f: LaserRouting(m, f, laser))
         results.append(compare(orig, las, heldout, **kw))
-    return {"results": results, "heldout": heldout.describe()}
+    out = {"results": results, "heldout": heldout.describe()}
+    placed = per_step_section(src, rewritten, heldout, batch_size)
+    if placed is not None:
+        out["per_step"] = placed
+    return out
+
+
+def per_step_section(src, rewritten: Path, heldout, batch_size: int) -> dict | None:
+    """Per-step device max/mean of a rewritten model's own placement (routing map v2 with
+    ``num_devices``) vs standard EP, on held-out per-sequence loads of the original model, at
+    ``defaults.STEP_COUNTS`` sequences per step, both split policies, mixed and single-domain steps.
+    ``None`` when the map has no placement."""
+    import json
+
+    import torch
+
+    from ..calibrate import CalibrationData, profile_model
+    from ..modelio import load_model
+    from ..plan.balance import Layout
+    from ..plan.steps import contiguous_layout
+    from ..runtime.routing_map import RoutingMap
+    from .ep import per_step_balance
+
+    path = rewritten / defaults.ROUTING_MAP_FILE
+    if not path.is_file():
+        return None
+    rmap = RoutingMap.from_dict(json.loads(path.read_text()), where=str(path))
+    if rmap.num_devices is None:
+        return None
+    model, family = load_model(src)
+    loads = {}
+    for name, ids in heldout.domains.items():
+        _, seq = profile_model(model, family, CalibrationData(name, "", ids, 0), batch_size=batch_size,
+                               quant_error=False, progress=False, return_seq_loads=True)
+        loads[name] = seq
+    G, L, E = rmap.num_devices, len(rmap.layers), rmap.num_experts
+    pad = torch.nn.utils.rnn.pad_sequence
+    layouts = {"standard EP": Layout(*contiguous_layout(L, E, G)),
+               "rewritten": Layout(pad([lm.phy2log for lm in rmap.layers], True, -1),
+                                   pad([lm.slot_device for lm in rmap.layers], True, -1))}
+    return {"num_devices": G, "table": per_step_balance(loads, layouts, G)}
 
 
 def _config(path):
     from ..modelio import load_config
 
     return load_config(path)
+
+
+def per_step_text(section: dict) -> str:
+    """The per-step table of ``per_step_section`` for people."""
+    lines = [f"per-step device max/mean on EP {section['num_devices']} (held-out; mean over 64 resampled steps; "
+             "standard EP -> the rewritten model's placement):"]
+    for policy, by_b in section["table"].items():
+        for b, by_steps in by_b.items():
+            cells = ", ".join(f"{st} {v['standard EP']['mean']:.3f}->{v['rewritten']['mean']:.3f}"
+                              for st, v in by_steps.items())
+            lines.append(f"  {policy}, {b} seq/step: {cells}")
+    return "\n".join(lines)
 
 
 def detail_text(result: dict) -> str:

@@ -20,7 +20,8 @@ from .. import defaults
 from ..errors import RQError, check_format
 from .predict import check_layer
 
-PLAN_FORMAT = ("rq-plan", 1)
+PLAN_FORMAT = ("rq-plan", 2)  # v2: optional device placement (num_devices, per-layer slot_device)
+PLAN_READABLE = (1,)
 
 # What the caller may feed the planner as ``error [L, E, S]`` (it builds the tensor; the planner
 # never special-cases it): the profile's measured quant_error, or error proportional to load (the
@@ -92,6 +93,7 @@ class LayerPlan:
     - ``bytes_before`` / ``bytes_after``: expert bytes, all-source / as planned.
     - ``pred_error``: sum over non-source slots of ``error[e, s] / logcnt[e]``.
     - ``budget_bytes``: this layer's budget, ``None`` when the budget is global.
+    - ``slot_device [P]``: expert-parallel device of each slot (plans made with ``--ep-size``).
     """
 
     layer: int
@@ -105,6 +107,7 @@ class LayerPlan:
     bytes_after: int
     pred_error: float
     budget_bytes: int | None = None
+    slot_device: torch.Tensor | None = None
 
     @property
     def num_logical(self) -> int:
@@ -132,6 +135,7 @@ class LayerPlan:
             "bytes_after": self.bytes_after,
             "pred_error": self.pred_error,
             "budget_bytes": self.budget_bytes,
+            **({} if self.slot_device is None else {"slot_device": self.slot_device.tolist()}),
         }
 
     @classmethod
@@ -150,6 +154,7 @@ class LayerPlan:
             bytes_after=int(d["bytes_after"]),
             pred_error=float(d["pred_error"]),
             budget_bytes=None if d.get("budget_bytes") is None else int(d["budget_bytes"]),
+            slot_device=None if d.get("slot_device") is None else torch.tensor(d["slot_device"], dtype=torch.int64),
         )
 
 
@@ -168,6 +173,8 @@ class Plan:
     options: PlanOptions
     global_budget: bool
     budget_bytes: int
+    num_devices: int | None = None  # G, when every layer has a slot_device
+    balance: dict | None = None  # predicted per-step device balance (rq_tool.plan.balance.predict_balance)
 
     @property
     def source_scheme(self) -> str:
@@ -215,12 +222,14 @@ class Plan:
             "global_budget": self.global_budget,
             "budget_bytes": self.budget_bytes,
             "totals": self.totals(),
+            "num_devices": self.num_devices,
+            "balance": self.balance,
             "layers": [lp.to_dict() for lp in self.layers],
         }
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "plan") -> "Plan":
-        check_format(d, PLAN_FORMAT, "plan", where)
+        check_format(d, PLAN_FORMAT, "plan", where, PLAN_READABLE)
         try:
             plan = cls(
                 layers=tuple(LayerPlan.from_dict(row) for row in d["layers"]),
@@ -229,6 +238,8 @@ class Plan:
                 options=PlanOptions.from_dict(d["options"]),
                 global_budget=bool(d["global_budget"]),
                 budget_bytes=int(d["budget_bytes"]),
+                num_devices=None if d.get("num_devices") is None else int(d["num_devices"]),
+                balance=d.get("balance"),
             )
             for lp in plan.layers:
                 check_layer(lp.phy2log, lp.slot_scheme, lp.logcnt, lp.log2phy, len(plan.schemes))

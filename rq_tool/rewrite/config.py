@@ -28,6 +28,8 @@ class RewriteConfig:
     - ``importance``: what picks the experts to quantize (``defaults.IMPORTANCE``).
     - ``max_error``: cap on predicted quantization noise relative to expert output power, or None.
     - ``ep_devices``: also fit every layer's slots onto this many EP devices, or None.
+    - ``ep_size``: plan per step for this many expert-parallel devices with the placement in the
+      loop (``rq_tool.plan.ep_plan``; ``strategy`` is then not used), or None.
     """
 
     VERSION: ClassVar[int] = 1
@@ -39,6 +41,7 @@ class RewriteConfig:
     importance: str = defaults.IMPORTANCE_DEFAULT
     max_error: float | None = None
     ep_devices: int | None = None
+    ep_size: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "schemes", tuple(self.schemes))

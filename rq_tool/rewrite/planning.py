@@ -65,6 +65,9 @@ def build_plan(profile: Profile, layout: ExpertLayout, config: RewriteConfig, **
     load, error, names, scheme_bytes = plan_inputs(profile, layout, config.schemes, config.importance)
     layer_bytes = torch.full((load.shape[0],), layout.num_experts * int(scheme_bytes[0]), dtype=torch.int64)
     budget_bytes = resolve_budget(config.budget, layer_bytes, config.global_budget)
+    if config.ep_size is not None:
+        return _build_ep_plan(profile, layout, load, error, names, scheme_bytes, budget_bytes, config.global_budget,
+                              config.ep_size, config.ep_devices, config.importance, config.max_error)
     plan = make_plan(load, error, names, scheme_bytes, budget_bytes, config.plan_options(**option_overrides),
                      global_budget=config.global_budget, layer_ids=list(layout.layers))
     if config.ep_devices:
@@ -72,3 +75,21 @@ def build_plan(profile: Profile, layout: ExpertLayout, config: RewriteConfig, **
 
         plan = fit_devices(plan, load, error, config.ep_devices)
     return plan
+
+
+def _build_ep_plan(profile, layout, load, error, names, scheme_bytes, budget_bytes, global_budget, ep_size, ep_devices,
+                   importance, max_error):
+    """``--ep-size G``: the per-step, shift-robust planner with device placement (``rq_tool.plan.ep_plan``)."""
+    from .. import defaults
+    from ..plan.ep_plan import plan_ep
+
+    if int(ep_size) < 1:
+        raise RQError(f"--ep-size must be >= 1, got {ep_size}")
+    if ep_devices is not None:
+        raise RQError("--ep-size places slots on devices itself; drop --ep-devices")
+    if global_budget:
+        raise RQError("--ep-size plans each layer within its own per-device shares; drop --global")
+    seq = profile.seq_loads.double() if profile.seq_loads is not None else load[None]
+    return plan_ep(seq, error, names, scheme_bytes, budget_bytes, int(ep_size),
+                   max_error=defaults.MAX_ERROR if max_error is None else max_error, groups=profile.seq_domain,
+                   group_names=profile.domains, layer_ids=list(layout.layers), error_weight=importance)

@@ -120,8 +120,11 @@ def routing_map_from_plan(plan, layout: ExpertLayout, activation: str) -> Routin
     layers = []
     for layer, lp in zip(layout.layers, plan.layers):
         layers.append(LayerMap(layer, lp.phy2log.clone(), lp.log2phy.clone(), lp.logcnt.clone(),
-                               tuple(plan.schemes[int(i)] for i in lp.slot_scheme)))
-    rmap = RoutingMap(layout.num_experts, layers, layout.source_scheme, activation)
+                               tuple(plan.schemes[int(i)] for i in lp.slot_scheme),
+                               None if lp.slot_device is None else lp.slot_device.clone()))
+    placed = getattr(plan, "num_devices", None)
+    rmap = RoutingMap(layout.num_experts, layers, layout.source_scheme, activation,
+                      defaults.LOAD_AWARE_POLICY if placed else defaults.SPLIT_POLICY, placed)
     rmap.validate("planned routing map")
     return rmap
 

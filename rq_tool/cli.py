@@ -33,6 +33,26 @@ def usage_error_line(e: click.ClickException) -> None:
 class _Group(click.Group):
     """Turns RQError (and bad files, usage errors, SIGTERM) into one line + non-zero exit, unless --debug."""
 
+    # commands whose module imports torch: loaded only when named, so `rq --help` stays light
+    _LAZY = {"plan": ("rq_tool.plan.cli", "plan_cmd", "Plan replicas and devices from recorded loads (no model).")}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self._LAZY))
+
+    def get_command(self, ctx, name):
+        if name in self._LAZY and name not in self.commands:
+            import importlib
+
+            module, attr, _ = self._LAZY[name]
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(n, self.commands[n].get_short_help_str(60) if n in self.commands else self._LAZY[n][2])
+                for n in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
     def make_context(self, info_name, args, parent=None, **extra):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
@@ -121,7 +141,7 @@ def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schem
     check_output(out, PROFILE_KIND, inputs, force)  # before the (long) calibration
     profile = run(model, dataset, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
                   schemes=schemes, quant_error=not no_quant_error, progress=not as_json, max_memory=max_memory)
-    write_text(out, profile.to_json(), PROFILE_KIND, inputs, force)
+    profile.save(out, PROFILE_KIND, inputs, force)
     if as_json:
         click.echo(json.dumps(profile.to_dict()))
     else:
@@ -230,7 +250,6 @@ def _register_stage_commands() -> None:
     main.add_command(eval_cmd)
     main.add_command(report)
     main.add_command(export)
-    main.add_command(__import__("rq_tool.plan.cli", fromlist=["plan_cmd"]).plan_cmd)
 
 
 _register_stage_commands()

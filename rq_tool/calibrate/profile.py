@@ -176,10 +176,11 @@ class Profile:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1) + "\n"
 
-    def save(self, path) -> None:
+    def save(self, path, kind=None, inputs=(), force: bool = False) -> None:
         """Write atomically (a unique temporary beside ``path`` + rename; concurrent saves never mix);
         per-sequence loads go to a safetensors file beside it, written first (the JSON names its hash).
-        ``rq calibrate`` also applies the output policy (``rq_tool.outputs``); this library call does not."""
+        ``kind`` / ``inputs`` / ``force``: the output policy (``rq_tool.outputs``) that ``rq calibrate``
+        applies; the library call without them applies none."""
         from ..outputs import staged, write_text
 
         path = Path(path)
@@ -192,12 +193,16 @@ class Profile:
                 tensors["domain"] = self.seq_domain.to(torch.int64).contiguous()
             blob = save(tensors, metadata={"format": "rq-profile-loads", "version": "1"})
             name = (path.name[:-5] if path.name.endswith(".json") else path.name) + defaults.PROFILE_LOADS_SUFFIX
+            if kind is not None:
+                from ..outputs import check_output
+
+                check_output(path, kind, inputs, force)  # before the loads file is written beside it
             with staged(path.with_name(name)) as tmp:
                 tmp.write_bytes(blob)
             doc["loads"] = {"file": name, "sha256": hashlib.sha256(blob).hexdigest(),
                             "shape": list(self.seq_loads.shape), "unit": "sequence",
                             "tokens_per_sequence": self.calibration.get("seq_len"), "domains": self.domains}
-        write_text(path, json.dumps(doc, indent=1) + "\n")
+        write_text(path, json.dumps(doc, indent=1) + "\n", kind, inputs, force)
 
     @classmethod
     def load(cls, path) -> "Profile":

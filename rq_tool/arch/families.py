@@ -72,7 +72,7 @@ class StructuralFamily(MoEFamily):
         if not self.blocks:
             raise RQError(describe_unsupported(model, self.config))
         first = model.get_submodule(self.blocks[0].path + ".experts")
-        self._check_uniform(model)
+        self._check_uniform()
         self.layout = self._read_layout(first)
         self.has_expert_bias = self.layout.has_bias
         canon = self.canonical_experts(first)
@@ -86,7 +86,7 @@ class StructuralFamily(MoEFamily):
             raise RQError(f"{self.name}: transformers reshapes non-expert tensors when loading this checkpoint "
                           f"({'; '.join(foreign[:2])}); rq copies non-expert tensors unchanged and cannot rewrite it yet")
 
-    def _check_uniform(self, model: nn.Module) -> None:
+    def _check_uniform(self) -> None:
         classes = {b.experts_class for b in self.blocks}
         if len(classes) > 1:
             raise RQError(f"{self.name}: MoE layers use different experts classes ({', '.join(sorted(classes))}); "
@@ -349,12 +349,3 @@ def describe_unsupported(model: nn.Module, config) -> str:
         what = f"the config counts experts ({', '.join(f'{k}={v}' for k, v in counts.items())}) but this " \
                "configuration builds no experts module"
     return f"model_type {mt!r} is an MoE model rq cannot rewrite: {what}"
-
-
-def describe(config_or_model_type) -> str:
-    """One line: what rq makes of a config (used by ``rq families``)."""
-    try:
-        fam = get_family(config_or_model_type)
-    except RQError as e:
-        return f"unsupported: {e}"
-    return f"supported ({type(fam).__name__}, activation {fam.activation()}, {len(fam.blocks)} MoE layers)"

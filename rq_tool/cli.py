@@ -4,24 +4,47 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 import click
 
 from . import defaults
+from .cli_types import BUDGET, MAX_DEVICES, SCHEME_LIST, BoundedFloat, BoundedInt
 from .errors import RQError
+from .outputs import Terminated, check_output, json_file_kind, signals_as_interrupt, write_text
 from .rewrite.config import RewriteConfig
 
 _REWRITE = RewriteConfig()  # rq rewrite's planning defaults
 
+PROFILE_KIND = json_file_kind("profile", [defaults.PROFILE_FORMAT[0]])
+
+
+def usage_error_line(e: click.ClickException) -> None:
+    """A click usage error as one ``error:`` line and exit 2 (click's default prints three)."""
+    msg = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    cmd = f"{ctx.command_path}: " if ctx is not None and ctx.command_path else ""
+    click.echo(f"error: {cmd}{msg} (--help for usage)", err=True)
+    sys.exit(2)
+
 
 class _Group(click.Group):
-    """Turns RQError (and bad files) into one line + non-zero exit, unless --debug."""
+    """Turns RQError (and bad files, usage errors, SIGTERM) into one line + non-zero exit, unless --debug."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as e:
+            usage_error_line(e)
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with signals_as_interrupt():
+                return super().invoke(ctx)
+        except click.ClickException as e:
+            usage_error_line(e)
         except RQError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -33,7 +56,10 @@ class _Group(click.Group):
             where = f": {e.filename}" if getattr(e, "filename", None) else ""
             click.echo(f"error: {e.strerror or e}{where}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            if isinstance(e, Terminated):
+                click.echo(f"terminated ({signal.Signals(e.signum).name}): nothing was left half-written", err=True)
+                sys.exit(128 + e.signum)
             click.echo("interrupted: nothing was left half-written", err=True)
             sys.exit(130)
 
@@ -67,32 +93,35 @@ def main(ctx, debug):
               help="Where to write the profile.")
 @click.option("--dataset", "-d", default=defaults.DEFAULT_DATASET, show_default=True,
               help="Bundled set name, local .jsonl/.txt/.parquet file, or a datasets name.")
-@click.option("--num-samples", default=defaults.NUM_SAMPLES, show_default=True, help="Packed sequences to run.")
-@click.option("--seq-len", default=defaults.SEQ_LEN, show_default=True, help="Tokens per sequence.")
-@click.option("--batch-size", default=defaults.BATCH_SIZE, show_default=True, help="Sequences per forward.")
-@click.option("--seed", default=defaults.SEED, show_default=True, help="Document shuffle seed.")
-@click.option("--schemes", default=",".join(defaults.QUANT_SCHEMES), show_default=True,
+@click.option("--num-samples", default=defaults.NUM_SAMPLES, show_default=True, type=BoundedInt(1, 1 << 24),
+              help="Packed sequences to run.")
+@click.option("--seq-len", default=defaults.SEQ_LEN, show_default=True, type=BoundedInt(1, 1 << 20),
+              help="Tokens per sequence.")
+@click.option("--batch-size", default=defaults.BATCH_SIZE, show_default=True, type=BoundedInt(1, 1 << 16),
+              help="Sequences per forward.")
+@click.option("--seed", default=defaults.SEED, show_default=True, type=BoundedInt(0, 2**32 - 1),
+              help="Document shuffle seed.")
+@click.option("--schemes", default=",".join(defaults.QUANT_SCHEMES), show_default=True, type=SCHEME_LIST,
               help=f"Quantization schemes to measure quant_error for (known: {', '.join(defaults.SCHEME_NAMES)}).")
 @click.option("--no-quant-error", is_flag=True, help="Skip the quant_error pass (faster; rewrite then needs "
               "--importance frequency).")
 @click.option("--max-memory", default=None, help="Keep at most this much of the weights in RAM (e.g. 8GB) and "
               "offload the rest to disk, loading layers as the forward reaches them (slower; for models "
               "larger than memory; needs accelerate).")
+@click.option("--force", is_flag=True, help="Replace an existing profile written by rq (never any other file).")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON instead of a table.")
 def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schemes, no_quant_error, max_memory,
-              as_json):
+              force, as_json):
     """Profile expert load and importance of MODEL (default: the bundled tiny MoE)."""
     from .calibrate import calibrate as run
-    from .quant import get_scheme
+    from .modelio import resolve_model_path
     from .report_text import profile_table
 
-    scheme_list = [get_scheme(s.strip()).name for s in schemes.split(",") if s.strip()]
-    out_dir = Path(out).parent
-    if not out_dir.is_dir():
-        raise RQError(f"--out {out}: directory {str(out_dir)!r} does not exist")
+    inputs = [resolve_model_path(model), *([dataset] if Path(dataset).exists() else [])]
+    check_output(out, PROFILE_KIND, inputs, force)  # before the (long) calibration
     profile = run(model, dataset, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                  schemes=scheme_list, quant_error=not no_quant_error, progress=not as_json, max_memory=max_memory)
-    profile.save(out)
+                  schemes=schemes, quant_error=not no_quant_error, progress=not as_json, max_memory=max_memory)
+    write_text(out, profile.to_json(), PROFILE_KIND, inputs, force)
     if as_json:
         click.echo(json.dumps(profile.to_dict()))
     else:
@@ -105,7 +134,7 @@ def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schem
 @click.option("--profile", "-p", "profile_path", required=True, type=click.Path(),
               help="profile.json from rq calibrate on this model.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Output model directory (required unless --dry-run).")
-@click.option("--budget", default=str(_REWRITE.budget), show_default=True,
+@click.option("--budget", default=str(_REWRITE.budget), show_default=True, type=BUDGET,
               help="Expert memory: a factor of the original (0.9, 1.1x) or a size (120MB, 1.5GiB).")
 @click.option("--global", "global_budget", is_flag=True,
               help="Apply the budget to all MoE layers together instead of to each layer.")
@@ -113,19 +142,20 @@ def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schem
               type=click.Choice(sorted(defaults.STRATEGIES)),
               help="greedy: replicate while LIS improves, pay with least-damaging quantization; paper: R&Q "
                    "setting; replicate-only: EPLB-style, memory grows.")
-@click.option("--schemes", default=",".join(_REWRITE.schemes), show_default=True,
+@click.option("--schemes", default=",".join(_REWRITE.schemes), show_default=True, type=SCHEME_LIST,
               help="Quantization schemes the planner may use.")
 @click.option("--importance", default=_REWRITE.importance, show_default=True,
               type=click.Choice(defaults.IMPORTANCE),
               help="What picks the experts to quantize: measured quantization damage, or routing frequency only.")
-@click.option("--max-error", type=float, default=_REWRITE.max_error,
+@click.option("--max-error", type=BoundedFloat(0.0, 1e6), default=_REWRITE.max_error,
               help="Cap on predicted quantization noise per layer, relative to the layer's expert output power "
                    "(1e-3 = 30 dB SQNR); unset: only the budget and LIS gains limit it.")
-@click.option("--ep-devices", type=int, default=_REWRITE.ep_devices,
+@click.option("--ep-devices", type=BoundedInt(1, MAX_DEVICES), default=_REWRITE.ep_devices,
               help="Also make each layer's slots pack onto this many expert-parallel devices within the original "
                    "per-device memory (cheaper schemes first, then fewer replicas).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory written by rq (never any other "
+              "directory: rq checks its manifest lists every file there).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, importance, max_error, ep_devices,
             dry_run, force, as_json):
@@ -135,9 +165,8 @@ def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, 
 
     if out is None and not dry_run:
         raise RQError("--out is required (or use --dry-run to only print the plan)")
-    config = RewriteConfig(budget=budget, global_budget=global_budget, strategy=strategy,
-                           schemes=tuple(s.strip() for s in schemes.split(",") if s.strip()), importance=importance,
-                           max_error=max_error, ep_devices=ep_devices)
+    config = RewriteConfig(budget=budget, global_budget=global_budget, strategy=strategy, schemes=tuple(schemes),
+                           importance=importance, max_error=max_error, ep_devices=ep_devices)
     res = run(model, profile_path, out, config, force=force, dry_run=dry_run, progress=not as_json)
     if as_json:
         click.echo(json.dumps({"plan": res.plan.to_dict(), "out": str(res.out) if res.out else None}))
@@ -151,7 +180,7 @@ def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, 
 @main.command()
 @click.argument("out", type=click.Path())
 def verify(out):
-    """Re-hash OUT against its manifest and check its routing map against config and tensors."""
+    """Re-hash OUT against its manifest and run the loader's integrity checks (dtypes, shapes, activation, paths)."""
     from .rewrite.verify import verify as run
 
     problems = run(out)
@@ -159,7 +188,8 @@ def verify(out):
         click.echo(f"FAIL {p}", err=True)
     if problems:
         raise RQError(f"{out}: {len(problems)} problem(s) found")
-    click.echo(f"OK {out}: every file matches the manifest; routing map consistent with config and tensors")
+    click.echo(f"OK {out}: every file matches the manifest; tensors, dtypes, activation and shard paths are what "
+               "the routing map planned (rq_tool.load gives the planned model)")
 
 
 @main.command()

@@ -15,11 +15,13 @@ ROUTING_MAP_FORMAT = ("rq-routing-map", 2)  # v2: optional device placement, loa
 ROUTING_MAP_READABLE = (1,)  # older routing-map versions the runtime still reads
 MANIFEST_FORMAT = ("rq-manifest", 1)
 RQ_CONFIG_FORMAT = ("rq-config", 1)
+REPORT_FORMAT = ("rq-report", 1)  # rq_report.json: the files of an rq report folder
 SLOT_FORMAT = ("rq-slots", 1)  # tensor layout of physical slots (see rq_tool/quant/schemes.py)
 
 PROFILE_FILE = "rq_profile.json"
 ROUTING_MAP_FILE = "routing_map.json"
 MANIFEST_FILE = "rq_manifest.json"
+REPORT_FILE = "rq_report.json"
 REMOTE_CODE_FILE = "modeling_rq.py"
 INDEX_FILE = "model.safetensors.index.json"  # the Hugging Face shard index
 

@@ -22,17 +22,11 @@ class RQError(Exception):
 
 
 def read_json(path, missing: str) -> dict | list:
-    """Parse a JSON file; ``missing`` is the one-line message when the file is absent."""
-    import json
-    from pathlib import Path
+    """Parse a JSON file strictly (``rq_tool.validate.read``: finite numbers, bounded size and
+    nesting, UTF-8); ``missing`` is the one-line message when the file is absent."""
+    from .validate import read
 
-    path = Path(path)
-    if not path.is_file():
-        raise RQError(missing)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RQError(f"{path}: not valid JSON ({e})") from None
+    return read(path, missing)
 
 
 def check_format(d, fmt: tuple[str, int], what: str, where: str, readable: tuple[int, ...] = ()) -> int:

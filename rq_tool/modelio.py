@@ -26,14 +26,19 @@ def resolve_model_path(spec: str | Path | None) -> Path:
         raise RQError(f"{path} is not a model directory (no config.json)")
     if not any(path.glob("*.safetensors")):
         raise RQError(f"{path} has no *.safetensors weights (rq reads safetensors only, never pickle)")
+    from .checkpoint import read_index
+
+    read_index(path)  # an index naming shards outside the directory is refused before anything reads it
     return path
 
 
 def read_config_dict(path: Path) -> dict:
+    from .validate import check_model_config
+
     d = read_json(path / "config.json", f"{path} is not a model directory (no config.json)")
     if not isinstance(d, dict) or "model_type" not in d:
         raise RQError(f"{path / 'config.json'}: no model_type")
-    return d
+    return check_model_config(d, str(path / "config.json"))
 
 
 def load_config(path: Path):

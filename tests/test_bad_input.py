@@ -168,7 +168,7 @@ CASES = [
     ("profile-of-another-model", None, other_model_profile,
      lambda m, o, x, b: ["rewrite", m, "-p", x, "-o", o / "out"], ["another model", "config hash"]),
     ("profile-wrong-shape", None, profile_edit(short_load),
-     lambda m, o, x, b: ["rewrite", m, "-p", x, "-o", o / "out"], ["bad_profile.json", "layer 0 load", "(7,)"]),
+     lambda m, o, x, b: ["rewrite", m, "-p", x, "-o", o / "out"], ["bad_profile.json", "layers[0].load", "7 entries, expected 8"]),
     ("profile-wrong-expert-count", None, profile_edit(extra_expert),
      lambda m, o, x, b: ["rewrite", m, "-p", x, "-o", o / "out"], ["9 experts", "the model 8"]),
     ("profile-not-json", None, data_file("p.json", b"{oops"),
@@ -227,10 +227,13 @@ def test_output_already_there_is_left_untouched(base, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = CliRunner().invoke(main, ["rewrite", str(base / "src"), "-p", str(base / "p.json"), "-o", str(out)])
-    assert r.exit_code == 2
-    assert stderr_lines(r.stderr) == [f"error: output {out} already exists (use --force to replace it)"]
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "keep.txt").read_text() == "mine"
+    for force in ([], ["--force"]):  # not an rq output: refused with --force too (issue 11)
+        r = CliRunner().invoke(main, ["rewrite", str(base / "src"), "-p", str(base / "p.json"), "-o", str(out), *force])
+        assert r.exit_code == 2
+        assert stderr_lines(r.stderr) == [f"error: output {out} already exists and is not an rq rewritten model "
+                                          "directory; rq only ever replaces what it wrote itself, even with --force "
+                                          "(choose another output path)"]
+        assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "keep.txt").read_text() == "mine"
 
 
 def test_calibrate_output_in_missing_directory(base, tmp_path):

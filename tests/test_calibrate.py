@@ -115,7 +115,7 @@ def test_profile_rejects_bad_documents(tmp_path):
     good = {"format": "rq-profile", "version": 1, "model": {"num_experts": 2}, "calibration": {}, "schemes": [],
             "layers": [{"layer": 0, "load": [1, 2, 3], "gate_mass": [0, 0], "output_energy": [0, 0],
                         "output_power": [0, 0], "quant_error": {}}]}
-    with pytest.raises(RQError, match="shape"):
+    with pytest.raises(RQError, match=r"layers\[0\]\.load: 3 entries, expected 2"):
         Profile.from_dict(good)
     with pytest.raises(RQError, match="version"):
         Profile.from_dict({**good, "version": 99})

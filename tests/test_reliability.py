@@ -13,8 +13,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import json
+import os
 import random
 import shutil
 import signal
@@ -107,7 +110,7 @@ def test_verify_detects_tampering(tiny, tmp_path, tamper):
 
 # ------------------------------------------------------------------------------- interruption
 _SERVER = r"""
-import json, os, sys, time
+import glob, json, os, sys, time
 # import what a rewrite imports lazily, so a child starts at the rewrite itself; run nothing (no torch op,
 # no thread) before forking: a forked copy of a process with busy worker threads can deadlock
 import rq_tool.cli, rq_tool.rewrite.writer, rq_tool.runtime.hf, rq_tool.report_text, rq_tool.plan
@@ -131,14 +134,14 @@ for line in sys.stdin:
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(code)
     # the child is reaped only here, so its pid cannot be reused by another process before the kill
-    when = job.get("kill_when_exists", "").replace("{pid}", str(pid))
+    when = job.get("kill_when_exists", "").replace("{pid}", str(pid))  # a glob pattern
     killed = False
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             break
         if job.get("signal") and not killed and (time.perf_counter() - t0 >= job.get("kill_after", 1e9)
-                                                or (when and os.path.exists(when))):
+                                                or (when and glob.glob(when))):
             os.kill(pid, job["signal"])
             killed = True
         time.sleep(0.001)
@@ -246,26 +249,31 @@ def test_rewrite_survives_kills(big, tmp_path):
                 assert rq_tool.verify(out) == [], f"kill {i} ({sig.name}) left a damaged output"
                 assert manifest(out) == manifest(ref)
             if existed:  # a killed --force replace never loses the previous output
-                assert out.exists() or any(".rq-tmp-old-" in p.name for p in left)
-            if sig == signal.SIGINT and r["code"] == 130:  # the handler removed its own temporary
-                assert not [p for p in left if p.name.endswith(f".rq-tmp-{r['pid']}")]
+                assert out.exists() or any(p.name.endswith(".old") for p in left)
+            if sig == signal.SIGINT and r["code"] == 130:  # the handler removed its own temporary (and lock)
+                assert not [p for p in left if f"-{r['pid']}-" in p.name]
                 assert "interrupted" in log.read_text()
 
         # a SIGKILL certain to leave a temporary: as soon as the child's temporary directory appears
+        pattern = f".{out.name}.rq-tmp-*-{{pid}}-{'[0-9a-f]' * 8}"  # HOST-PID-RANDOM, not the .lock
         r = server.run(argv, tmp_path / "log-kill-at-tmp", signal=int(signal.SIGKILL),
-                       kill_when_exists=str(out.parent / f".{out.name}.rq-tmp-{{pid}}"))
+                       kill_when_exists=str(out.parent / pattern))
         assert r["code"] == -signal.SIGKILL and r["killed"]
-        assert (out.parent / f".{out.name}.rq-tmp-{r['pid']}").exists()
-        live = out.parent / f".{out.name}.rq-tmp-{server.proc.pid}"  # a live process's: left alone
+        assert glob.glob(str(out.parent / pattern.replace("{pid}", str(r["pid"]))))
+        # a live writer's temporary (its lock held here, in another process than the rewrite): left alone
+        live = out.parent / f".{out.name}.rq-tmp-otherhost-1-0123abcd"
         live.mkdir()
+        live_lock = os.open(live.with_name(live.name + ".lock"), os.O_CREAT | os.O_RDWR)
+        fcntl.flock(live_lock, fcntl.LOCK_EX)
 
-        stale = [p for p in temporaries(out) if p != live]
+        stale = [p for p in temporaries(out) if p != live and not p.name.endswith(".lock")]
         r = server.run(argv, tmp_path / "log-final")
         assert r["code"] == 0
         log = (tmp_path / "log-final").read_text()
         for p in stale:
             assert f"removed stale temporary {p}" in log or ("-old-" in p.name and "restored" in log), log
-        assert temporaries(out) == [live]
+        assert temporaries(out) == [live, live.with_name(live.name + ".lock")]
+        os.close(live_lock)
         assert rq_tool.verify(out) == [] and manifest(out) == manifest(ref)
         print(f"full run {full:.2f}s; kills (signal, exit code, seconds, output state):", *outcomes, sep="\n  ")
     finally:

@@ -4,7 +4,7 @@ Layout (format ``rq-profile``, version 1)::
 
     {"format": "rq-profile", "version": 1, "rq_version": "...",
      "model": {"path", "model_type", "family", "config_sha256", "num_experts", "top_k",
-               "num_hidden_layers", "expert_dtype", "activation"},
+               "num_hidden_layers", "moe_layers", "expert_dtype", "activation"},
      "calibration": {"dataset", "sha256", "sequences", "seq_len", "tokens", "batch_size", "seed"},
      "schemes": ["int8", "nf4"],
      "layers": [{"layer": 3, "load": [E], "gate_mass": [E], "output_energy": [E],
@@ -12,7 +12,9 @@ Layout (format ``rq-profile``, version 1)::
                  "lis_by_batch": {"1": {"mean", "max", "batches"}, ...},
                  "shared": null | {"tokens", "output_energy"}}]}
 
-``layer`` is the absolute decoder-layer index (dense layers are simply absent).
+``layer`` is the absolute decoder-layer index (dense layers are simply absent); ``moe_layers``
+(optional, written since issue 11) lists the model's MoE layers, so a profile missing one is refused
+instead of being exported as a dense layer.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ class Profile:
     @classmethod
     def from_dict(cls, d: dict, where: str = "profile") -> "Profile":
         check_format(d, defaults.PROFILE_FORMAT, "profile", where)
+        _check_types(d, where)
         try:
             E = int(d["model"]["num_experts"])
             schemes = list(d["schemes"])
@@ -147,12 +150,15 @@ class Profile:
             raise RQError(f"{where}: profile has no MoE layers")
         return cls(model=d["model"], calibration=d["calibration"], schemes=schemes, layers=layers)
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
     def save(self, path) -> None:
-        """Write atomically (temporary file + rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        tmp.replace(path)
+        """Write atomically (a unique temporary beside ``path`` + rename; concurrent saves never mix).
+        ``rq calibrate`` also applies the output policy (``rq_tool.outputs``); this library call does not."""
+        from ..outputs import write_text
+
+        write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path) -> "Profile":
@@ -165,3 +171,58 @@ class Profile:
         if self.model.get("config_sha256") != fp:
             raise RQError(f"{where} was measured on another model (config hash {str(self.model.get('config_sha256'))[:12]} "
                           f"!= {fp[:12]}); re-run rq calibrate on this model")
+
+
+def _check_types(d: dict, where: str) -> None:
+    """JSON types, sizes and finiteness of a profile (one line naming the field), before tensors are built."""
+    from .. import validate as v
+
+    model = v.check_dict(v.get(d, "model", where), where, "model")
+    E = v.check_int(v.get(model, "num_experts", where, "model"), where, "model.num_experts", 1, v.MAX_EXPERTS)
+    for key in ("path", "model_type", "config_sha256", "family", "activation", "expert_dtype"):
+        if model.get(key) is not None:
+            v.check_str(model[key], where, f"model.{key}")
+    for key in ("top_k", "num_hidden_layers"):
+        if model.get(key) is not None:
+            v.check_int(model[key], where, f"model.{key}", 1, v.MAX_LAYERS if key == "num_hidden_layers" else E)
+    moe_layers = model.get("moe_layers")
+    if moe_layers is not None:
+        v.int_list(moe_layers, where, "model.moe_layers", 0, v.MAX_LAYERS)
+    v.check_dict(v.get(d, "calibration", where), where, "calibration")
+    schemes = v.check_list(v.get(d, "schemes", where), where, "schemes", 16)
+    for s in schemes:
+        v.check_str(s, where, "schemes", 64)
+    layers = v.check_list(v.get(d, "layers", where), where, "layers", v.MAX_LAYERS)
+    seen = set()
+    for i, row in enumerate(layers):
+        at = f"layers[{i}]"
+        layer = v.check_int(v.get(row, "layer", where, at), where, f"{at}.layer", 0, v.MAX_LAYERS)
+        if layer in seen:
+            raise RQError(f"{where}: {at}.layer: layer {layer} appears twice")
+        seen.add(layer)
+        n_layers = model.get("num_hidden_layers")
+        if isinstance(n_layers, int) and layer >= n_layers:
+            raise RQError(f"{where}: {at}.layer: {layer} is not below model.num_hidden_layers {n_layers}")
+        v.int_list(v.get(row, "load", where, at), where, f"{at}.load", 0, v.MAX_INT >> 8, length=E)
+        for key in ("gate_mass", "output_energy", "output_power"):
+            v.number_list(v.get(row, key, where, at), where, f"{at}.{key}", length=E, lo=0.0)
+        qe = v.check_dict(v.get(row, "quant_error", where, at), where, f"{at}.quant_error")
+        for s in schemes:
+            v.number_list(v.get(qe, s, where, f"{at}.quant_error"), where, f"{at}.quant_error.{s}", length=E, lo=0.0)
+        lbb = row.get("lis_by_batch", {})
+        v.check_dict(lbb, where, f"{at}.lis_by_batch")
+        for b, stats in lbb.items():
+            if not b.isdigit() or len(b) > 9:
+                raise RQError(f"{where}: {at}.lis_by_batch: batch size {b[:20]!r} is not a positive integer")
+            v.check_dict(stats, where, f"{at}.lis_by_batch.{b}")
+            for k in ("mean", "max"):
+                v.check_number(v.get(stats, k, where, f"{at}.lis_by_batch.{b}"), where, f"{at}.lis_by_batch.{b}.{k}", 0.0)
+            if "batches" in stats:
+                v.check_int(stats["batches"], where, f"{at}.lis_by_batch.{b}.batches")
+        shared = row.get("shared")
+        if shared is not None:
+            v.check_dict(shared, where, f"{at}.shared")
+    if moe_layers is not None and sorted(seen) != sorted(moe_layers):
+        missing, extra = sorted(set(moe_layers) - seen), sorted(seen - set(moe_layers))
+        raise RQError(f"{where}: layers: " + (f"MoE layer(s) {missing} of the model are missing" if missing else
+                                                f"layer(s) {extra} are not MoE layers of the model") + " (model.moe_layers)")

@@ -71,6 +71,7 @@ def _calibrate(path, loaded, dataset, num_samples, seq_len, batch_size, seed, sc
             "num_experts": int(first["gate_up"].shape[0]),
             "top_k": family.top_k(family.router(family.moe_blocks(hf_model)[0][1])),
             "num_hidden_layers": int(hf_model.config.num_hidden_layers),
+            "moe_layers": [layer for layer, _ in family.moe_blocks(hf_model)],  # so a missing layer is caught
             "expert_dtype": scheme_for_dtype(first["gate_up"].dtype),
             "activation": family.activation(hf_model.config),
         },

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import math
 
 import click
 
 from .. import defaults
+from ..cli_types import MAX_DEVICES, BoundedFloat, BoundedInt
 from ..errors import RQError
+from ..outputs import check_output, json_file_kind, write_text
+
+EVAL_KIND = json_file_kind("eval result", ["rq-eval"])
 
 
 def _devices(spec: str) -> tuple[int, ...]:
     try:
-        out = tuple(int(x) for x in spec.split(",") if x.strip())
+        out = tuple(int(x) for x in spec.split(",") if x.strip() and len(x.strip()) <= 6)
     except ValueError:
         raise RQError(f"--devices must be comma-separated integers, got {spec!r}") from None
-    if not out or any(g < 1 for g in out):
-        raise RQError(f"--devices must list device counts >= 1, got {spec!r}")
+    if not out or len(out) != len([x for x in spec.split(",") if x.strip()]) or any(not 1 <= g <= MAX_DEVICES
+                                                                                     for g in out):
+        raise RQError(f"--devices must list device counts in [1, {MAX_DEVICES}], got {spec!r}")
     return out
 
 
@@ -39,16 +44,29 @@ def _weights(spec: str | None) -> dict[str, float] | None:
     return out
 
 
+def json_safe(v):
+    """``v`` with every NaN / inf replaced by null: rq's JSON is strict (RFC 8259 has no NaN)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
+
+
 @click.command("eval")
 @click.argument("original", type=click.Path())
 @click.argument("rewritten", type=click.Path())
 @click.option("--dataset", "-d", "datasets", multiple=True,
               help="Held-out data (file or dataset name), one domain each; repeatable. Default: the bundled "
                    "corpus's held-out split (never the calibration set).")
-@click.option("--max-tokens", default=defaults.HELDOUT_TOKENS, show_default=True,
+@click.option("--max-tokens", default=defaults.HELDOUT_TOKENS, show_default=True, type=BoundedInt(2, 1 << 32),
               help="Tokens scored per domain: more is steadier, slower.")
-@click.option("--seq-len", default=defaults.HELDOUT_SEQ_LEN, show_default=True, help="Tokens per window.")
-@click.option("--batch-size", default=defaults.HELDOUT_BATCH_SIZE, show_default=True,
+@click.option("--seq-len", default=defaults.HELDOUT_SEQ_LEN, show_default=True, type=BoundedInt(2, 1 << 20),
+              help="Tokens per window (at least 2: one prediction).")
+@click.option("--batch-size", default=defaults.HELDOUT_BATCH_SIZE, show_default=True, type=BoundedInt(1, 1 << 16),
               help="Windows per forward; per-batch LIS is measured on batches of this size from one domain.")
 @click.option("--weights", default=None,
               help="Also pool the held-out domains in these token shares, e.g. code=0.55,math=0.36,prose=0.04,"
@@ -56,29 +74,33 @@ def _weights(spec: str | None) -> dict[str, float] | None:
 @click.option("--devices", default=",".join(map(str, defaults.DEVICE_COUNTS)), show_default=True,
               help="Device counts for the simulated expert parallelism.")
 @click.option("--laser", is_flag=True, help="Also score LASER load-aware routing on the original weights.")
-@click.option("--laser-eps-high", default=defaults.LASER_EPS_HIGH, show_default=True,
+@click.option("--laser-eps-high", default=defaults.LASER_EPS_HIGH, show_default=True, type=BoundedFloat(0.0, 1.0),
               help="LASER: top-k gate mass at or above which a token keeps vanilla routing (higher: reroutes more).")
-@click.option("--laser-t-fix", default=defaults.LASER_T_FIX, show_default=True,
+@click.option("--laser-t-fix", default=defaults.LASER_T_FIX, show_default=True, type=BoundedFloat(0.0, 1.0),
               help="LASER: candidates need gate prob >= t_fix x the max (lower: more candidates, more damage).")
-@click.option("--laser-candidates", type=int, default=None,
+@click.option("--laser-candidates", type=BoundedInt(1, 1 << 16), default=None,
               help="LASER: at most this many candidates (default 2 x top-k).")
 @click.option("--out", "-o", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON here.")
+@click.option("--force", is_flag=True, help="Replace an existing --out written by rq eval (never any other file).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_cmd(original, rewritten, datasets, max_tokens, seq_len, batch_size, weights, devices, laser, laser_eps_high,
-             laser_t_fix, laser_candidates, out_path, as_json):
+             laser_t_fix, laser_candidates, out_path, force, as_json):
     """Compare REWRITTEN with ORIGINAL on held-out data: perplexity, accuracy, LIS, bytes, simulated EP."""
     from ..routing_policy import LaserConfig
     from .baselines import markdown_table
     from .run import detail_text, evaluate
 
+    inputs = [original, rewritten, *datasets]
+    if out_path:
+        check_output(out_path, EVAL_KIND, inputs, force)  # before the (long) evaluation
     cfg = LaserConfig(laser_eps_high, laser_t_fix, laser_candidates) if laser else None
     res = evaluate(original, rewritten, datasets=datasets, max_tokens=max_tokens, seq_len=seq_len,
                    batch_size=batch_size, device_counts=_devices(devices), laser=cfg, domain_weights=_weights(weights))
     if out_path:
-        Path(out_path).write_text(json.dumps(res, indent=1) + "\n")
+        write_text(out_path, json.dumps(json_safe(res), indent=1, allow_nan=False) + "\n", EVAL_KIND, inputs, force)
     if as_json:
-        click.echo(json.dumps(res))
+        click.echo(json.dumps(json_safe(res), allow_nan=False))
         return
     click.echo(markdown_table(res["results"]))
     for r in res["results"][1:]:
@@ -93,9 +115,11 @@ def eval_cmd(original, rewritten, datasets, max_tokens, seq_len, batch_size, wei
 @click.option("--compare", "rewritten", type=click.Path(file_okay=False), default=None,
               help="A rewritten model directory: adds its per-slot (predicted) load heatmap and LIS after.")
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), required=True, help="Directory for the PNGs.")
-def report(profile, rewritten, out_dir):
+@click.option("--force", is_flag=True, help="Replace an existing report folder written by rq report (never any "
+              "other folder).")
+def report(profile, rewritten, out_dir, force):
     """PNG heatmaps of load per layer x expert (and per slot with --compare) and an LIS-per-layer chart."""
     from .report import write_report
 
-    for p in write_report(profile, out_dir, compare=rewritten):
+    for p in write_report(profile, out_dir, compare=rewritten, force=force):
         click.echo(f"wrote {p}")

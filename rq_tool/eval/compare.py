@@ -22,8 +22,6 @@ JSON-ready result (format ``rq-eval`` v1):
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +36,6 @@ from .heldout import HeldOut
 from .measure import Measure, ModelMeasure, measure
 
 EVAL_FORMAT = ("rq-eval", 1)
-_ST_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
 _EXPERT_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.[A-Za-z_]+\.experts\.")
 
 
@@ -69,7 +65,7 @@ def header_expert_bytes(path) -> dict[int, int]:
     for key, info in SafetensorsCheckpoint(Path(path)).tensors.items():
         m = _EXPERT_TENSOR.search(key)
         if m:
-            n = math.prod(info.shape) * _ST_BYTES.get(info.dtype, 0)
+            n = info.nbytes
             out[int(m.group(1))] = out.get(int(m.group(1)), 0) + n
     if not out:
         raise RQError(f"{path}: no routed-expert tensors in the safetensors headers")
@@ -123,9 +119,11 @@ def score_rewritten(path, original_path, heldout: HeldOut, *, batch_size: int = 
     if prof_path.is_file():
         plan_load = Profile.load(prof_path).load_matrix()
     info = dict(info or {})
-    rq = json.loads((path / "config.json").read_text()).get("rq", {})
-    if "plan" in rq:
-        info.setdefault("strategy", rq["plan"].get("options", {}).get("strategy"))
+    from ..runtime.model_dir import read_rq_config
+
+    plan = read_rq_config(path)["rq"].get("plan")
+    if isinstance(plan, dict) and isinstance(plan.get("options"), dict):
+        info.setdefault("strategy", plan["options"].get("strategy"))
     return Scored(name, str(path), m, header_expert_bytes(path), slot_bytes, plan_load, info)
 
 

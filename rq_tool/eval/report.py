@@ -15,12 +15,18 @@ matplotlib runs on its Agg backend (no display needed).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from .. import defaults
 from ..errors import RQError
 from ..lis import lis, slot_loads
+from ..outputs import check_output, marked_dir_kind, staged
+from ..runtime.model_dir import read_rq_model
+
+REPORT_KIND = marked_dir_kind("report", defaults.REPORT_FILE, defaults.REPORT_FORMAT[0])
 
 
 def _plt():
@@ -55,18 +61,31 @@ def _heatmap(plt, share, title: str, row_labels, col_labels=None, path: Path = N
     return path
 
 
-def write_report(profile, out_dir, compare=None) -> list[Path]:
-    """Write the PNGs (see the module docstring) to ``out_dir``; returns their paths.
+def write_report(profile, out_dir, compare=None, force: bool = False) -> list[Path]:
+    """Write the PNGs (see the module docstring) to the folder ``out_dir``; returns their paths.
 
-    ``profile``: a ``Profile`` or a path to one; ``compare``: a rewritten model directory.
+    ``profile``: a ``Profile`` or a path to one; ``compare``: a rewritten model directory. The
+    folder is written whole under a temporary name and renamed into place (``rq_tool.outputs``),
+    with an ``rq_report.json`` listing its files; an existing one is replaced only with ``force``
+    and only if rq wrote it.
     """
     from ..calibrate.profile import Profile
 
+    inputs = [compare] if isinstance(profile, Profile) else [profile, compare]
+    check_output(out_dir, REPORT_KIND, inputs, force)
     if not isinstance(profile, Profile):
         profile = Profile.load(profile)
+    rmap = read_rq_model(compare).routing_map if compare is not None else None
     plt = _plt()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with staged(out_dir, REPORT_KIND, inputs, force) as tmp:
+        names = [p.name for p in _draw(plt, profile, compare, rmap, tmp)]
+        files = {n: {"bytes": (tmp / n).stat().st_size} for n in names}
+        (tmp / defaults.REPORT_FILE).write_text(json.dumps({"format": defaults.REPORT_FORMAT[0], "version":
+                                                            defaults.REPORT_FORMAT[1], "files": files}, indent=1))
+    return [Path(out_dir) / n for n in names]
+
+
+def _draw(plt, profile, compare, rmap, out: Path) -> list[Path]:
     load = profile.load_matrix().double()  # [L, E]
     layers = [lp.layer for lp in profile.layers]
     share = 100.0 * load / load.sum(-1, keepdim=True).clamp_min(1)
@@ -76,7 +95,6 @@ def write_report(profile, out_dir, compare=None) -> list[Path]:
                       [f"L{layer}  LIS {b:.2f}" for layer, b in zip(layers, before)], path=out / "load_before.png")]
     after = None
     if compare is not None:
-        rmap = _routing_map(compare)
         if [lm.layer for lm in rmap.layers] != layers:
             raise RQError(f"{compare}: its MoE layers {[lm.layer for lm in rmap.layers]} differ from the "
                           f"profile's {layers}")
@@ -97,14 +115,6 @@ def write_report(profile, out_dir, compare=None) -> list[Path]:
                               out / "load_after.png", marks=True))
     paths.append(_lis_chart(plt, profile, layers, before, after, out / "lis_per_layer.png"))
     return paths
-
-
-def _routing_map(path):
-    from ..runtime.hf import read_rq_config
-    from ..runtime.routing_map import RoutingMap
-
-    d = read_rq_config(Path(path))
-    return RoutingMap.from_dict(d["rq"]["routing_map"], where=f"{path}/config.json routing map")
 
 
 def _lis_chart(plt, profile, layers, before, after, path: Path) -> Path:

@@ -10,6 +10,7 @@ import json
 import click
 
 from .. import defaults
+from ..cli_types import BUDGET, MAX_DEVICES, BoundedInt
 from ..errors import RQError
 
 _HELP = f"""Export rq's measured expert loads for a serving engine (SGLang, vLLM).
@@ -42,8 +43,8 @@ llm-compressor) and put the dict in its config.json."""
 @click.command("export", help=_HELP)
 @click.argument("source", metavar="PROFILE_OR_OUT", type=click.Path())
 @click.option("--engine", required=True, type=click.Choice(sorted(defaults.EXPORT_ENGINES)), help="The serving engine.")
-@click.option("--ep-size", type=int, help="Expert-parallel GPUs N (placement export; required there).")
-@click.option("--redundant", type=int, default=None,
+@click.option("--ep-size", type=BoundedInt(1, MAX_DEVICES), help="Expert-parallel GPUs N (placement export; required there).")
+@click.option("--redundant", type=BoundedInt(0, 1 << 16), default=None,
               help="Redundant expert slots R per MoE layer (more: better balance, more memory). "
                    "Default: rq's recommendation, see above.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False),
@@ -54,19 +55,27 @@ llm-compressor) and put the dict in its config.json."""
                    "rebalancing with --enable-eplb).")
 @click.option("--per-layer-precision", is_flag=True,
               help="Write a per-layer quantization_config (compressed-tensors) instead of a placement.")
-@click.option("--budget", default=str(defaults.BUDGET), show_default=True,
+@click.option("--budget", default=str(defaults.BUDGET), show_default=True, type=BUDGET,
               help="--per-layer-precision: expert memory of ALL MoE layers together, a factor of the original "
                    "(0.9) or a size (120MB).")
 @click.option("--model", type=click.Path(),
               help="--per-layer-precision: the original checkpoint (for expert sizes); default: the profile's "
                    "model path.")
+@click.option("--force", is_flag=True, help="Replace an existing file written by rq export (never any other file).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text.")
-def export(source, engine, ep_size, redundant, out, logical_count, per_layer_precision, budget, model, as_json):
+def export(source, engine, ep_size, redundant, out, logical_count, per_layer_precision, budget, model, force, as_json):
+    from functools import partial
+
+    from ..outputs import check_output
     from .engines import get_engine
-    from .source import read_source, write_json_atomic
+    from .source import EXPORT_KIND, read_source, write_json_atomic
 
     eng = get_engine(engine)
     src = read_source(source)
+    inputs = [source, model, src.profile.model.get("path") if per_layer_precision and model is None else None]
+    if out is not None:
+        check_output(out, EXPORT_KIND, inputs, force)  # before any work
+    write_json_atomic = partial(write_json_atomic, inputs=inputs, force=force)
     if per_layer_precision:
         given = [flag for flag, v in (("--ep-size", ep_size), ("--redundant", redundant),
                                       ("--logical-count", logical_count or None)) if v is not None]

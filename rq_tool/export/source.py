@@ -14,6 +14,7 @@ import torch
 from .. import defaults
 from ..calibrate.profile import Profile
 from ..errors import RQError
+from ..outputs import json_file_kind, write_text
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,11 @@ def read_source(path) -> ExportSource:
     if path.is_file():
         profile = Profile.load(path)
         return ExportSource(path, profile, _num_hidden_layers(profile.model.get("num_hidden_layers"), str(path)))
-    from ..runtime.hf import read_rq_config  # transformers is imported only for model dirs
-    from ..runtime.routing_map import RoutingMap
+    from ..runtime.model_dir import read_rq_model
 
-    config = read_rq_config(path)
+    md = read_rq_model(path)
+    config, rmap = md.config, md.routing_map
     profile = Profile.load(path / defaults.PROFILE_FILE)
-    rmap = RoutingMap.from_dict(config["rq"].get("routing_map"), where=f"{path}/config.json routing map")
     map_layers = [lm.layer for lm in rmap.layers]
     prof_layers = [lp.layer for lp in profile.layers]
     if map_layers != prof_layers or rmap.num_experts != profile.num_experts:
@@ -98,14 +98,19 @@ def layer_scheme_bytes(source: ExportSource, model, schemes) -> tuple[torch.Tens
     return nbytes, names
 
 
-def write_json_atomic(path, obj) -> Path:
-    """Write ``obj`` as JSON via a temporary file + rename (never half-written)."""
-    path = Path(path)
-    if path.is_dir():
-        raise RQError(f"--out {str(path)!r} is a directory; give a file name")
-    if not path.parent.is_dir():
-        raise RQError(f"--out {str(path)!r}: directory {str(path.parent)!r} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj) + "\n")
-    tmp.replace(path)
-    return path
+def _engine_file(d: dict) -> bool:
+    """Whether a JSON object is one of the engine files rq export writes (they carry no rq marker:
+    the engines read them as they are)."""
+    keys = set(d)
+    return (keys in ({"physical_to_logical_map"}, {"logical_count"},
+                     {"num_redundant_experts", "window_size", "step_interval"})
+            or (d.get("quant_method") == "compressed-tensors" and "config_groups" in d and "model_type" not in d))
+
+
+EXPORT_KIND = json_file_kind("export", [defaults.EXPORT_FORMAT[0]], shapes=_engine_file)
+
+
+def write_json_atomic(path, obj, inputs=(), force: bool = False) -> Path:
+    """Write ``obj`` as JSON under the output policy (``rq_tool.outputs``): never over an input or a
+    file rq did not write, an existing export only with ``force``; temporary + rename."""
+    return write_text(path, json.dumps(obj) + "\n", EXPORT_KIND, inputs, force)

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from ..arch import MoEFamily
+from ..checkpoint import DTYPES, FLOAT_DTYPES
 from ..errors import RQError
-from ..quant import get_scheme
+from ..quant import get_scheme, scheme_for_dtype
 from .source import SafetensorsCheckpoint
-
-_ST_DTYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ def read_layout(ckpt: SafetensorsCheckpoint, family: MoEFamily) -> ExpertLayout:
             dims.setdefault(ek.role, tuple(family.canonical_expert_tensor(ek.role, _meta(info.shape)[0]).shape))
     if not per_layer:
         raise RQError(f"{ckpt.path}: no routed-expert tensors found for family {family.name!r}")
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _ST_DTYPES:
+    if len(dtypes) != 1 or next(iter(dtypes)) not in FLOAT_DTYPES:
         raise RQError(f"{ckpt.path}: expert tensors have dtypes {sorted(dtypes)}; rq reads one of F32/BF16/F16")
     counts = {layer: (r["fused_E"] if r["fused_E"] is not None else len(r["experts"])) for layer, r in per_layer.items()}
     E = max(counts.values())
@@ -82,7 +81,7 @@ def read_layout(ckpt: SafetensorsCheckpoint, family: MoEFamily) -> ExpertLayout:
         raise RQError(f"{ckpt.path}: cannot find gate/up expert tensors")
     has_bias = any(r.startswith(("gate_up_bias", "down_bias", "gate_bias", "up_bias")) for p in per_layer.values()
                    for r in p["roles"])
-    return ExpertLayout(tuple(sorted(per_layer)), E, int(H), int(two_i) // 2, _ST_DTYPES[next(iter(dtypes))], has_bias,
+    return ExpertLayout(tuple(sorted(per_layer)), E, int(H), int(two_i) // 2, scheme_for_dtype(DTYPES[next(iter(dtypes))][0]), has_bias,
                         prefixes)
 
 

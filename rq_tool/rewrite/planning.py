@@ -29,6 +29,9 @@ def plan_inputs(profile: Profile, layout: ExpertLayout, schemes, importance: str
     if profile.num_experts != layout.num_experts:
         raise RQError(f"profile has {profile.num_experts} experts per layer, the model {layout.num_experts}")
     schemes = [s for s in schemes if s != layout.source_scheme]
+    if not schemes:
+        raise RQError(f"--schemes: no scheme other than the model's own {layout.source_scheme} to quantize to "
+                      "(give e.g. int8,nf4)")
     names = [layout.source_scheme, *schemes]
     load = profile.load_matrix().double()
     L, E = load.shape
@@ -56,6 +59,9 @@ def build_plan(profile: Profile, layout: ExpertLayout, config: RewriteConfig, **
     """The plan of ``config`` for this profile and layout (``option_overrides``: other ``PlanOptions`` fields)."""
     from ..plan import make_plan, resolve_budget
 
+    from ..validate import check_budget_spec
+
+    check_budget_spec(config.budget)  # bounded before the exact parser (a huge exponent would hang it)
     load, error, names, scheme_bytes = plan_inputs(profile, layout, config.schemes, config.importance)
     layer_bytes = torch.full((load.shape[0],), layout.num_experts * int(scheme_bytes[0]), dtype=torch.int64)
     budget_bytes = resolve_budget(config.budget, layer_bytes, config.global_budget)

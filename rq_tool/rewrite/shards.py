@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from .. import __version__, defaults
+from ..checkpoint import INDEX_FILE
+from ..checkpoint import TORCH_TO_ST as _ST_DTYPES
 from ..errors import RQError
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
 _METADATA = '"__metadata__":{"format":"pt"}'
 
 
@@ -128,84 +124,6 @@ def write_manifest(directory: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------- atomic publish
-_TMP_TAG = ".rq-tmp-"
-
-
-def temp_dir_for(out: Path) -> Path:
-    """A fresh temporary directory beside ``out`` (same filesystem, so the final rename is atomic)."""
-    tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    except OSError as e:
-        where = f": {e.filename}" if e.filename else ""
-        raise RQError(f"cannot create the output beside {out} ({e.strerror or e}{where})") from None
-    return tmp
-
-
-def clean_stale_temporaries(out: Path) -> list[str]:
-    """Tidy up after earlier rewrites of ``out`` whose process is gone (killed, crashed, power loss).
-
-    Their temporary directories are removed. A backup of the previous output left by a ``--force``
-    rewrite killed between its two renames (see ``publish``) is moved back to ``out`` if ``out``
-    is missing -- otherwise removed. Returns one line per action, for the user.
-    """
-    notes = []
-    stem = f".{out.name}{_TMP_TAG}"
-    for p in sorted(out.parent.glob(glob.escape(stem) + "*")):
-        tail = p.name[len(stem):]
-        backup = tail.startswith("old-")
-        try:
-            pid = int(tail[4:] if backup else tail)
-        except ValueError:
-            continue
-        if pid == os.getpid() or _alive(pid):
-            continue
-        if backup and not (out.exists() or out.is_symlink()):
-            p.rename(out)
-            notes.append(f"restored {out} from {p.name}, left by an interrupted --force rewrite")
-        else:
-            _remove(p)
-            notes.append(f"removed stale temporary {p}")
-    return notes
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        p.unlink(missing_ok=True)
-
-
-def publish(tmp: Path, out: Path, force: bool) -> None:
-    """Move a complete ``tmp`` into place as ``out``; an existing ``out`` needs ``force``.
-
-    Replacing takes two renames (``out`` -> backup, ``tmp`` -> ``out``); an exception between
-    them puts the backup back, and a SIGKILL between them leaves the backup for the next run's
-    ``clean_stale_temporaries`` to restore. Either way the previous output is never lost.
-    """
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise RQError(f"output {out} already exists (use --force to replace it)")
-        old = out.parent / f".{out.name}{_TMP_TAG}old-{os.getpid()}"
-        out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            old.rename(out)
-            raise
-        _remove(old)
-    else:
-        tmp.rename(out)
+# the one output policy (unique temporaries, locks, stale clean-up, two-rename replace) lives in
+# rq_tool.outputs; these names stay importable from here
+from ..outputs import clean_stale_temporaries, publish  # noqa: E402,F401

@@ -33,12 +33,14 @@ from .assemble import LayerAssembler
 from .config import RewriteConfig
 from .layout import ExpertLayout, read_layout
 from .planning import build_plan
-from .shards import (ShardWriter, clean_stale_temporaries, publish, temp_dir_for, write_json, write_manifest)
+from ..outputs import check_output, marked_dir_kind, staged
+from .shards import ShardWriter, write_json, write_manifest
 from .source import SafetensorsCheckpoint
 
 # files copied verbatim from the source directory (tokenizer, generation config, chat template)
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".md")
 _NEVER_COPY = {"config.json", defaults.INDEX_FILE, defaults.MANIFEST_FILE, defaults.ROUTING_MAP_FILE, defaults.PROFILE_FILE}
+MODEL_DIR = marked_dir_kind("rewritten model", defaults.MANIFEST_FILE, defaults.MANIFEST_FORMAT[0])
 
 
 @dataclass
@@ -79,18 +81,15 @@ def rewrite(
         raise RQError(f"{src} is already an rq-rewritten model; rewrite the original model")
     hf_config = load_config(src)
     family = get_family(hf_config)
+    inputs = [src] if isinstance(profile, Profile) else [src, Path(profile)]
     if not isinstance(profile, Profile):
         profile = Profile.load(profile)
     profile.check_matches(hf_config, where="profile")
     if out is not None and not dry_run:
         out = Path(out)
-        # first, so that a backup left by a killed --force rewrite is back in place before the checks
-        for note in clean_stale_temporaries(out):
-            tqdm.write(f"rq: {note}", file=sys.stderr)
-        if (out.exists() or out.is_symlink()) and not force:
-            raise RQError(f"output {out} already exists (use --force to replace it)")
-        if out.resolve() == src.resolve():
-            raise RQError("--out must differ from the source model directory")
+        # the output policy (rq_tool.outputs) before any work; stale temporaries are tidied first, so
+        # a backup left by a killed --force rewrite is back in place before the checks
+        check_output(out, MODEL_DIR, inputs, force, notify=lambda note: tqdm.write(f"rq: {note}", file=sys.stderr))
     ckpt = SafetensorsCheckpoint(src)
     layout = read_layout(ckpt, family)
     plan = build_plan(profile, layout, config)
@@ -98,19 +97,14 @@ def rewrite(
     if dry_run or out is None:
         return RewriteResult(plan, rmap, None, layout)
 
-    tmp = temp_dir_for(out)
     try:
-        _stream(ckpt, family, layout, rmap, tmp, shard_bytes, progress)
-        _write_metadata(src, tmp, config_dict, rmap, profile, plan, hf_config)
-        write_manifest(tmp)
-        publish(tmp, out, force)
-    except OSError as e:  # disk full, permissions, ...: one line, nothing left behind
-        shutil.rmtree(tmp, ignore_errors=True)
+        with staged(out, MODEL_DIR, inputs, force) as tmp:  # removed on any exception, SIGTERM included
+            _stream(ckpt, family, layout, rmap, tmp, shard_bytes, progress)
+            _write_metadata(src, tmp, config_dict, rmap, profile, plan, hf_config)
+            write_manifest(tmp)
+    except OSError as e:  # disk full, permissions, ...: one line naming the output, nothing left behind
         where = f": {e.filename}" if e.filename else ""
         raise RQError(f"writing {out} failed ({e.strerror or e}{where}); nothing was published") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return RewriteResult(plan, rmap, out, layout)
 
 
@@ -142,29 +136,39 @@ def _stream(ckpt: SafetensorsCheckpoint, family, layout: ExpertLayout, rmap: Rou
     assemblers = {layer: LayerAssembler(layer, keys, family, layout.num_experts) for layer, keys in expected.items()}
     writer = ShardWriter(tmp, shard_bytes)
     bar = tqdm(total=len(ckpt.tensors), desc="rewriting", unit="tensor", disable=not progress, leave=False)
-    for shard, keys in ckpt.keys_by_shard().items():
-        try:
-            with safe_open(str(shard), framework="pt") as f:
-                for key in keys:
-                    tensor = f.get_tensor(key)
-                    bar.update(1)
-                    ek = family.parse_expert_key(key)
-                    if ek is None:
-                        writer.add(family.runtime_key(key), tensor)
-                        continue
-                    asm = assemblers[ek.layer]
-                    asm.add(key, ek, tensor)
-                    if asm.done:
-                        _write_layer(writer, family, layout, rmap.layer(ek.layer), asm, rmap.activation)
-                        del assemblers[ek.layer]
-        except RQError:
-            raise
-        except Exception as e:  # safetensors errors on a damaged shard
-            raise RQError(f"{shard}: cannot read tensors ({type(e).__name__}: {e})") from None
-    bar.close()
+    try:
+        for key, tensor in _read_tensors(ckpt):  # errors writing the output propagate as they are (OSError)
+            bar.update(1)
+            ek = family.parse_expert_key(key)
+            if ek is None:
+                writer.add(family.runtime_key(key), tensor)
+                continue
+            asm = assemblers[ek.layer]
+            asm.add(key, ek, tensor)
+            if asm.done:
+                _write_layer(writer, family, layout, rmap.layer(ek.layer), asm, rmap.activation)
+                del assemblers[ek.layer]
+    finally:
+        bar.close()  # also on errors: the error line must not follow a half-drawn progress bar
     if assemblers:
         raise RQError(f"layers {sorted(assemblers)}: expert tensors incomplete on disk")
     writer.finish()
+
+
+def _read_tensors(ckpt: SafetensorsCheckpoint):
+    """``(key, tensor)`` of every source tensor, shard by shard; a read error names the source shard."""
+    for shard, keys in ckpt.keys_by_shard().items():
+        try:
+            f = safe_open(str(shard), framework="pt")
+        except Exception as e:  # safetensors errors on a damaged shard
+            raise RQError(f"{shard}: cannot read tensors ({type(e).__name__}: {e})") from None
+        with f:
+            for key in keys:
+                try:
+                    tensor = f.get_tensor(key)
+                except Exception as e:
+                    raise RQError(f"{shard}: cannot read tensors ({type(e).__name__}: {e})") from None
+                yield key, tensor
 
 
 def _write_layer(writer: ShardWriter, family, layout: ExpertLayout, lmap: LayerMap, asm: LayerAssembler, act: str):
@@ -189,6 +193,7 @@ def _write_metadata(src: Path, tmp: Path, config_dict: dict, rmap: RoutingMap, p
         if p.is_file() and p.suffix in _COPY_SUFFIXES and p.name not in _NEVER_COPY and not p.name.startswith("."):
             shutil.copyfile(p, tmp / p.name)
     from ..runtime.hf import REMOTE_CODE
+    from ..runtime.integrity import header_fingerprint
 
     (tmp / defaults.REMOTE_CODE_FILE).write_text(REMOTE_CODE)
     rq_section = {
@@ -199,6 +204,8 @@ def _write_metadata(src: Path, tmp: Path, config_dict: dict, rmap: RoutingMap, p
         "source_config_sha256": config_fingerprint(config),
         "routing_map": rmap.to_dict(),
         "plan": plan_summary(plan),
+        # what the integrity check compares the stored headers with (a relabelled dtype is caught)
+        "tensors_sha256": header_fingerprint(SafetensorsCheckpoint(tmp)),
     }
     new = dict(config_dict)
     new["model_type"] = "rq"

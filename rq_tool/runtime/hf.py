@@ -12,7 +12,6 @@ with every MoE block's experts module replaced by ``RQExperts``.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -20,12 +19,13 @@ import torch
 from safetensors import safe_open
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .. import __version__, defaults
+from .. import __version__
 from ..arch import get_family
-from ..arch.families import config_from_dict
-from ..errors import RQError, read_json
+from ..checkpoint import SafetensorsCheckpoint
+from ..errors import RQError
+from . import integrity
 from .experts import RQExperts
-from .routing_map import RoutingMap
+from .model_dir import base_config, read_rq_config, read_rq_model  # noqa: F401 (read_rq_config: API)
 
 REMOTE_CODE = f'''"""rq runtime entry point (written by rq-tool {__version__}); loading needs `pip install rq-tool`."""
 
@@ -33,32 +33,6 @@ from rq_tool.runtime.hf import RQConfig, RQForCausalLM  # noqa: F401
 '''
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_NOT_BASE_KEYS = ("model_type", "auto_map", "architectures")
-
-
-def read_rq_config(path: Path) -> dict:
-    path = Path(path)
-    cfg = path / "config.json"
-    d = read_json(cfg, f"{path} is not a model directory (no config.json)")
-    rq = d.get("rq") if isinstance(d, dict) else None
-    if not isinstance(rq, dict):
-        raise RQError(f"{path} is not an rq-rewritten model (config.json has no 'rq' section)")
-    if (rq.get("format"), rq.get("version")) != defaults.RQ_CONFIG_FORMAT:
-        raise RQError(f"{cfg}: rq section {rq.get('format')!r} v{rq.get('version')} is not supported "
-                      f"(expected {defaults.RQ_CONFIG_FORMAT[0]} v{defaults.RQ_CONFIG_FORMAT[1]})")
-    return d
-
-
-def base_config(d: dict):
-    """The base family's config object (with ``rq`` and ``auto_map`` kept as attributes)."""
-    from transformers import CONFIG_MAPPING
-
-    base_type = d["rq"].get("base_model_type")
-    if base_type not in CONFIG_MAPPING:
-        raise RQError(f"base model_type {base_type!r} of this rq model is not known to the installed transformers")
-    cfg = config_from_dict(base_type, {k: v for k, v in d.items() if k not in _NOT_BASE_KEYS})
-    cfg.auto_map = d.get("auto_map")
-    return cfg
 
 
 def load(path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None):
@@ -67,13 +41,18 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
     from transformers.initialization import no_init_weights
 
     path = Path(path)
-    d = read_rq_config(path)
+    md = read_rq_model(path)
+    d = md.config
     config = base_config(d)
     family = get_family(config)
-    rmap = RoutingMap.from_dict(d["rq"]["routing_map"], where=f"{path}/config.json routing map")
+    rmap = md.routing_map
+    ckpt = SafetensorsCheckpoint(path)
+    integrity.check(path, md, ckpt)  # dtypes, shapes, activation, shard paths: the model loads as planned
     compute_dtype = _DTYPES.get(str(d.get("dtype") or d.get("torch_dtype") or "float32"), torch.float32)
     if dtype not in (None, "auto"):
-        compute_dtype = dtype if isinstance(dtype, torch.dtype) else _DTYPES[str(dtype).replace("torch.", "")]
+        compute_dtype = dtype if isinstance(dtype, torch.dtype) else _DTYPES.get(str(dtype).replace("torch.", ""))
+        if compute_dtype is None:
+            raise RQError(f"dtype {dtype!r} is not one rq computes in (known: {', '.join(_DTYPES)})")
     with warnings.catch_warnings(), no_init_weights():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
@@ -87,7 +66,7 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
         inter = canon["gate_up"].shape[1] // 2
         block.experts = RQExperts(rmap.layer(layer), H, inter, rmap.activation, has_bias="down_bias" in canon,
                                   bias_dtype=compute_dtype)
-    _load_weights(model, path, compute_dtype)
+    _load_weights(model, path, compute_dtype, ckpt.shards)
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval()
@@ -96,18 +75,11 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
     return model
 
 
-def _load_weights(model, path: Path, compute_dtype: torch.dtype) -> None:
-    index = path / defaults.INDEX_FILE
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        shards = [p.name for p in sorted(path.glob("*.safetensors"))]
+def _load_weights(model, path: Path, compute_dtype: torch.dtype, shards: list[Path]) -> None:
+    """Load ``shards`` (checked to lie inside ``path`` by ``rq_tool.checkpoint.shard_files``)."""
     expected = model.state_dict()
     loaded: set[str] = set()
-    for name in shards:
-        shard = path / name
-        if not shard.is_file():
-            raise RQError(f"shard {name!r} listed in the index is missing from {path}")
+    for shard in shards:
         chunk = {}
         try:
             with safe_open(str(shard), framework="pt") as f:

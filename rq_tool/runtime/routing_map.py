@@ -27,6 +27,7 @@ import torch
 from .. import defaults
 from ..errors import RQError, check_format
 from ..quant import SCHEMES
+from .. import validate as v
 
 _FORMAT, _VERSION = defaults.ROUTING_MAP_FORMAT
 
@@ -79,6 +80,7 @@ class RoutingMap:
         if d.get("split_policy") not in defaults.SPLIT_POLICIES:
             raise RQError(f"{where}: unknown split policy {d.get('split_policy')!r} "
                           f"(known: {', '.join(defaults.SPLIT_POLICIES)})")
+        _check_types(d, where)
         try:
             E = int(d["num_logical_experts"])
             G = d.get("num_devices")
@@ -136,3 +138,40 @@ class RoutingMap:
                 c = int(lm.logcnt[e])
                 if c > R or (row[c:] != -1).any() or (row[:c] < 0).any() or (lm.phy2log[row[:c]] != e).any():
                     raise RQError(f"{at}: log2phy row of expert {e} disagrees with logcnt/phy2log")
+
+
+MAX_SLOTS_PER_EXPERT = 64  # P <= 64 E: far above any plan (MAX_REPLICAS_PER_EXPERT is 8)
+_BIG = 1 << 62  # ids are range-checked by validate(); here only int64-safe
+
+
+def _check_types(d: dict, where: str) -> None:
+    """JSON types and sizes of a routing map, before any tensor is built (one line naming the field)."""
+    E = v.check_int(v.get(d, "num_logical_experts", where), where, "num_logical_experts", 1, v.MAX_EXPERTS)
+    v.check_str(v.get(d, "source_scheme", where), where, "source_scheme", 64)
+    v.check_str(v.get(d, "activation", where), where, "activation", 256)
+    G = d.get("num_devices")
+    if G is not None:
+        v.check_int(G, where, "num_devices", 1, 1 << 20)
+    layers = v.check_list(v.get(d, "layers", where), where, "layers", v.MAX_LAYERS)
+    P_max = MAX_SLOTS_PER_EXPERT * E
+    for i, row in enumerate(layers):
+        at = f"layers[{i}]"
+        v.check_int(v.get(row, "layer", where, at), where, f"{at}.layer", 0, v.MAX_LAYERS)
+        phy2log = v.int_list(v.get(row, "phy2log", where, at), where, f"{at}.phy2log", -_BIG, _BIG)
+        P = len(phy2log)
+        if not E <= P <= P_max:
+            raise RQError(f"{where}: {at}.phy2log: {P} slots for {E} experts (expected {E}..{P_max})")
+        log2phy = v.check_list(v.get(row, "log2phy", where, at), where, f"{at}.log2phy", E)
+        if len(log2phy) != E:
+            raise RQError(f"{where}: {at}.log2phy: {len(log2phy)} rows, expected {E}")
+        width = len(log2phy[0]) if log2phy and isinstance(log2phy[0], list) else -1
+        if not 1 <= width <= P:
+            raise RQError(f"{where}: {at}.log2phy: rows must be lists of 1..{P} slot ids")
+        for e, r in enumerate(log2phy):
+            v.int_list(r, where, f"{at}.log2phy[{e}]", -_BIG, _BIG, length=width)
+        v.int_list(v.get(row, "logcnt", where, at), where, f"{at}.logcnt", -_BIG, _BIG, length=E)
+        schemes = v.check_list(v.get(row, "slot_scheme", where, at), where, f"{at}.slot_scheme", P)
+        for s in schemes:
+            v.check_str(s, where, f"{at}.slot_scheme", 64)
+        if "slot_device" in row:
+            v.int_list(row["slot_device"], where, f"{at}.slot_device", -_BIG, _BIG)

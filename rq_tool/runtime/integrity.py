@@ -50,12 +50,16 @@ def problems(path, model_dir, ckpt: SafetensorsCheckpoint | None = None) -> list
         from ..arch import get_family
 
         cfg = base_config(config)
-        expected_act = get_family(cfg).activation(cfg)
+        family = get_family(cfg)
+        expected_act = family.activation(cfg)
     except RQError as e:
         return [str(e)]
     if rmap.activation != expected_act:
         out.append(f"routing map activation {rmap.activation!r} differs from the base config's {expected_act!r}")
-    out += _slot_problems(ckpt, rmap, check_int(get(config, "hidden_size", "config.json"), "config.json", "hidden_size", 1))
+    # the experts' hidden size and runtime paths come from the family (DBRX: d_model, transformer.blocks.<l>.ffn)
+    hidden = getattr(family, "hidden_size", None) or check_int(get(config, "hidden_size", "config.json"),
+                                                               "config.json", "hidden_size", 1)
+    out += _slot_problems(ckpt, rmap, hidden, getattr(family, "experts_prefixes", {}))
     recorded = model_dir.rq.get("tensors_sha256")
     if not out and recorded is not None and recorded != header_fingerprint(ckpt):
         out.append("tensor headers (names, dtypes, shapes) differ from what rq wrote (rq.tensors_sha256)")
@@ -70,15 +74,20 @@ def check(path, model_dir, ckpt: SafetensorsCheckpoint | None = None) -> None:
         raise RQError(f"{path}: {found[0]}{more}")
 
 
-def _slot_problems(ckpt: SafetensorsCheckpoint, rmap: RoutingMap, hidden: int) -> list[str]:
+def _slot_problems(ckpt: SafetensorsCheckpoint, rmap: RoutingMap, hidden: int,
+                   prefixes: dict[int, str] | None = None) -> list[str]:
     problems = []
     for lm in rmap.layers:
-        pat = re.compile(rf"(^|\.)layers\.{lm.layer}\.[A-Za-z_]+\.experts\.")
-        keys = {k: v for k, v in ckpt.tensors.items() if pat.search(k)}
+        known = (prefixes or {}).get(lm.layer)
+        if known is not None:
+            keys = {k: v for k, v in ckpt.tensors.items() if k.startswith(known)}
+        else:
+            pat = re.compile(rf"(^|\.)layers\.{lm.layer}\.[A-Za-z_]+\.experts\.")
+            keys = {k: v for k, v in ckpt.tensors.items() if pat.search(k)}
         if not keys:
             problems.append(f"layer {lm.layer}: no slot tensors stored")
             continue
-        prefix = next(iter(keys)).rsplit(".experts.", 1)[0] + ".experts."
+        prefix = known or next(iter(keys)).rsplit(".experts.", 1)[0] + ".experts."
         schemes = dict.fromkeys(lm.slot_scheme)
         inter = _intermediate_size(keys, prefix, schemes, hidden)
         expected = {}  # key -> (shape, safetensors dtype)

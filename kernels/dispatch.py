@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .backend import resolve_impl
+from .split import occurrence_ranks
 from .types import Dispatch
 
 
@@ -37,18 +38,22 @@ def replica_dispatch_reference(
 ) -> Dispatch:
     """Pure-torch dispatch (see module docstring); same contract as :func:`replica_dispatch`."""
     _check(topk_ids, log2phy, logcnt, num_slots, block_size)
-    dev = topk_ids.device
     T, K = topk_ids.shape
     flat = topk_ids.reshape(-1).long()
-    N = flat.numel()
-    pos = torch.arange(N, device=dev)
     # occurrence rank of each pair inside its logical expert, in flat (token, k) order
-    order = torch.sort(flat, stable=True).indices
-    e_count = torch.bincount(flat, minlength=log2phy.shape[0])
-    e_start = torch.cumsum(e_count, 0) - e_count
-    occ = torch.empty_like(flat)
-    occ[order] = pos - e_start[flat[order]]
+    occ = occurrence_ranks(flat, log2phy.shape[0])
     phy = log2phy[flat, occ % logcnt[flat]]
+    return dispatch_from_phy(phy.reshape(T, K), num_slots, block_size)
+
+
+def dispatch_from_phy(phy_ids: torch.Tensor, num_slots: int, block_size: int = 64) -> Dispatch:
+    """Group already chosen slots ``phy_ids [T, K]`` (int64 in [0, P)) into padded blocks: the
+    grouping half of the reference, shared by every replica-choice policy (``kernels.replica_choice``)."""
+    dev = phy_ids.device
+    T, K = phy_ids.shape
+    phy = phy_ids.reshape(-1).long()
+    N = phy.numel()
+    pos = torch.arange(N, device=dev)
     # group by slot, keeping flat order inside a slot; pad every segment to block_size
     slot_counts = torch.bincount(phy, minlength=num_slots)
     padded = (slot_counts + block_size - 1) // block_size * block_size

@@ -114,6 +114,27 @@ def _block_slot_kernel(
     tl.store(block_slot_ptr + b, n - 1, mask=b < num_blocks)
 
 
+def default_tiles(N: int, E: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_E, BLOCK_B) for N pairs and E experts."""
+    if interpreter_enabled():  # ~20 ms per program, tiles as numpy arrays: few, big programs
+        return max(16, min(triton.next_power_of_2(N), 4096)), max(16, min(triton.next_power_of_2(E), 128)), 4096
+    return 256, 32, 256
+
+
+def occurrence_ranks_triton(ids, log2phy, logcnt, slot_counts, block_n: int, block_e: int):
+    """Steps 1-2: ``ids [N]`` -> ``local_rank [N]`` int32 (rank inside its chunk) and ``count
+    [chunks, E]`` int32 (occurrences of e before each chunk); writes round-robin ``slot_counts [P]``."""
+    N, (E, R) = ids.numel(), log2phy.shape
+    num_chunks = triton.cdiv(N, block_n)
+    local_rank = torch.empty(N, dtype=torch.int32, device=ids.device)
+    count = torch.empty(num_chunks, E, dtype=torch.int32, device=ids.device)
+    _chunk_rank_kernel[(num_chunks,)](ids, local_rank, count, N, E, BLOCK_N=block_n, BLOCK_E=block_e)
+    _expert_scan_kernel[(triton.cdiv(E, block_e),)](
+        count, log2phy, logcnt, slot_counts, num_chunks, E, R, log2phy.stride(0), BLOCK_E=block_e
+    )
+    return local_rank, count
+
+
 def replica_dispatch_triton(
     topk_ids: torch.Tensor,
     log2phy: torch.Tensor,
@@ -128,35 +149,22 @@ def replica_dispatch_triton(
     """
     dev = topk_ids.device
     T, K = topk_ids.shape
-    N, E, R, P = T * K, log2phy.shape[0], log2phy.shape[1], num_slots
+    N, E, P = T * K, log2phy.shape[0], num_slots
     slot_counts = torch.zeros(P, dtype=torch.int64, device=dev)
     if N == 0:
         empty = torch.empty(0, dtype=torch.int64, device=dev)
         return Dispatch(torch.empty(T, K, dtype=torch.int64, device=dev), slot_counts, empty, empty, 0, block_size)
     ids = topk_ids.reshape(-1).contiguous()
     log2phy, logcnt = log2phy.contiguous(), logcnt.contiguous()
-    if tiles is not None:
-        block_n, block_e, block_b = tiles
-    elif interpreter_enabled():  # ~20 ms per program, tiles as numpy arrays: few, big programs
-        block_n = max(16, min(triton.next_power_of_2(N), 4096))
-        block_e, block_b = max(16, min(triton.next_power_of_2(E), 128)), 4096
-    else:
-        block_n, block_e, block_b = 256, 32, 256
-    num_chunks = triton.cdiv(N, block_n)
-
-    local_rank = torch.empty(N, dtype=torch.int32, device=dev)
-    count = torch.empty(num_chunks, E, dtype=torch.int32, device=dev)
-    _chunk_rank_kernel[(num_chunks,)](ids, local_rank, count, N, E, BLOCK_N=block_n, BLOCK_E=block_e)
-    _expert_scan_kernel[(triton.cdiv(E, block_e),)](
-        count, log2phy, logcnt, slot_counts, num_chunks, E, R, log2phy.stride(0), BLOCK_E=block_e
-    )
+    block_n, block_e, block_b = tiles if tiles is not None else default_tiles(N, E)
+    local_rank, count = occurrence_ranks_triton(ids, log2phy, logcnt, slot_counts, block_n, block_e)
     slot_start = torch.empty(P + 1, dtype=torch.int64, device=dev)
     _slot_scan_kernel[(1,)](slot_counts, slot_start, P, block_size, BLOCK_P=max(16, triton.next_power_of_2(P)))
     num_padded = int(slot_start[P])  # host sync: output sizes depend on it
 
     sorted_ids = torch.full((num_padded,), N, dtype=torch.int64, device=dev)
     phy_ids = torch.empty(T, K, dtype=torch.int64, device=dev)
-    _scatter_kernel[(num_chunks,)](
+    _scatter_kernel[(count.shape[0],)](
         ids, local_rank, count, log2phy, logcnt, slot_start, sorted_ids, phy_ids, N, E, log2phy.stride(0),
         BLOCK_N=block_n,
     )

@@ -132,17 +132,21 @@ def split_counts(policy: str, counts: torch.Tensor, log2phy: torch.Tensor, logcn
     raise ValueError(f"unknown split policy {policy!r}; choose one of {', '.join(SPLIT_POLICIES)}")
 
 
+def occurrence_ranks(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``flat [N]`` logical ids -> ``occ [N]`` int64: how many earlier pairs (flat order) have the same id."""
+    order = torch.sort(flat, stable=True).indices
+    e_count = torch.bincount(flat, minlength=num_experts)
+    e_start = torch.cumsum(e_count, 0) - e_count
+    occ = torch.empty_like(flat)
+    occ[order] = torch.arange(flat.numel(), device=flat.device) - e_start[flat[order]]
+    return occ
+
+
 def assign_slots(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, slot_counts: torch.Tensor) -> torch.Tensor:
     """``topk_ids [T, K]`` logical ids, ``slot_counts [P]`` a split of this step's counts (each
     expert's slots sum to its occurrences) -> ``phy_ids [T, K]`` int64 (see module docstring)."""
     flat = topk_ids.reshape(-1).long()
-    N = flat.numel()
-    E, R = log2phy.shape
-    order = torch.sort(flat, stable=True).indices
-    e_count = torch.bincount(flat, minlength=E)
-    e_start = torch.cumsum(e_count, 0) - e_count
-    occ = torch.empty_like(flat)
-    occ[order] = torch.arange(N, device=flat.device) - e_start[flat[order]]
+    occ = occurrence_ranks(flat, log2phy.shape[0])
     quota = torch.where(log2phy >= 0, slot_counts[log2phy.clamp(min=0)], torch.zeros_like(log2phy))  # [E, R]
     cum = torch.cumsum(quota, dim=1)  # [E, R]
     r = torch.searchsorted(cum[flat], occ.view(-1, 1), right=True).squeeze(1)

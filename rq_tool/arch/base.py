@@ -41,10 +41,6 @@ checkpoint side (safetensors keys, no model needed by the caller)
                                                     ``runtime_key(ek.block_prefix + ".experts.")``
                                                     is the runtime prefix of a layer's experts)
     ``has_expert_bias``                             the experts carry biases
-    ``hidden_size``, ``experts_prefixes``           H of the experts, and ``{layer: runtime prefix}``
-                                                    of each MoE layer's experts (``"model.layers.3.
-                                                    mlp.experts."``; DBRX ``"transformer.blocks.3.
-                                                    ffn.experts."``)
 
 ``ExpertKey.tensor`` is ``"weight"`` / ``"bias"`` for plain tensors, or the suffix of a
 quantization side tensor (``"weight_scale_inv"`` for FP8 block scales, ``"blocks"`` / ``"scales"``
@@ -82,8 +78,6 @@ class MoEFamily:
 
     name: str = "?"
     has_expert_bias: bool = False
-    hidden_size: int | None = None
-    experts_prefixes: dict[int, str] = {}
 
     # ------------------------------------------------------------------ model side
     def moe_blocks(self, model: nn.Module) -> list[tuple[int, nn.Module]]:

@@ -83,9 +83,6 @@ class StructuralFamily(MoEFamily):
         self.has_expert_bias = self.layout.has_bias
         canon = self.canonical_experts(first)
         self._two_i = int(canon["gate_up"].shape[1])
-        self.hidden_size = int(canon["gate_up"].shape[2])
-        # runtime key prefix of each MoE layer's experts, e.g. {3: "model.layers.3.mlp.experts."}
-        self.experts_prefixes = {b.layer: b.path + ".experts." for b in self.blocks}
         self._activation = self._detect_activation(first)
         self.keys = KeyMap(model, {b.path + ".experts" for b in self.blocks},
                            concat_dim=2 if self.layout.transposed else 1)

@@ -44,6 +44,22 @@ def contiguous_max_mean(load: torch.Tensor, num_devices: int) -> float:
     return max_mean(device_loads(load, contiguous_devices(load.numel(), num_devices), num_devices))
 
 
+def place_in_share(plan_slot_load: torch.Tensor, slot_bytes: torch.Tensor, num_devices: int,
+                   original_bytes: int) -> torch.Tensor:
+    """``place_slots`` of ``plan_slot_load [P]`` / ``slot_bytes [P]`` on G devices -> ``[P]`` int64.
+    Capacity starts at the larger of the original per-device share (``original_bytes // G``) and
+    ``ceil(total / G)`` and grows by the smallest slot until the slots pack."""
+    G = int(num_devices)
+    slot_bytes = torch.as_tensor(slot_bytes, dtype=torch.int64)
+    capacity = max(max(original_bytes // G, 1), math.ceil(int(slot_bytes.sum()) / G))
+    step = max(int(slot_bytes.min()), 1)
+    while True:
+        try:
+            return place_slots(plan_slot_load, slot_bytes, G, capacity)
+        except RQError:
+            capacity += step
+
+
 def placed_max_mean(slot_load: torch.Tensor, slot_bytes: torch.Tensor, num_devices: int, original_bytes: int,
                     plan_slot_load: torch.Tensor | None = None) -> dict:
     """Place slots within memory, score on ``slot_load [P]``.
@@ -59,15 +75,7 @@ def placed_max_mean(slot_load: torch.Tensor, slot_bytes: torch.Tensor, num_devic
     G = int(num_devices)
     slot_bytes = torch.as_tensor(slot_bytes, dtype=torch.int64)
     share = max(original_bytes // G, 1)
-    capacity = max(share, math.ceil(int(slot_bytes.sum()) / G))
-    step = max(int(slot_bytes.min()), 1)
-    plan = slot_load if plan_slot_load is None else plan_slot_load
-    while True:
-        try:
-            dev = place_slots(plan, slot_bytes, G, capacity)
-            break
-        except RQError:
-            capacity += step
+    dev = place_in_share(slot_load if plan_slot_load is None else plan_slot_load, slot_bytes, G, original_bytes)
     fullest = int(device_loads(slot_bytes, dev, G).max())
     return {"max_mean": max_mean(device_loads(slot_load, dev, G)), "device_bytes_ratio": fullest / share,
             "fits_original_share": fullest <= share}

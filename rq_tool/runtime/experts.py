@@ -17,6 +17,11 @@ State-dict keys (slot format v1, one group per scheme present in the layer, see
 
 Per-slot load counting (``count_load = True``) adds each batch's slot counts to ``slot_load``;
 it is off by default and costs nothing when off.
+
+Split policy ``load-aware`` (a map with a placement): per batch, expert counts -> water-filled
+split over the replicas' devices -> per-token slot (``rq_tool.kernels.replica_choice``).
+Expert parallelism (``runtime/ep.py``) builds the module with ``slots``: only those slots are
+materialised (parameters of that many rows); routing still sees the whole layer map.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import defaults
 from ..kernels import SlotWeights, moe_experts, replica_dispatch
+from ..kernels.dispatch import dispatch_from_phy
+from ..kernels.replica_choice import choose_slots
 from ..kernels.slots import group_shapes as slot_tensor_shapes
 from .routing_map import LayerMap
 
@@ -42,14 +50,20 @@ class RQExperts(nn.Module):
     """Physical expert slots of one MoE layer plus its routing map."""
 
     def __init__(self, layer_map: LayerMap, hidden_size: int, intermediate_size: int, act: str,
-                 has_bias: bool = False, bias_dtype: torch.dtype = torch.float32, device="cpu"):
+                 has_bias: bool = False, bias_dtype: torch.dtype = torch.float32, device="cpu",
+                 split_policy: str = defaults.SPLIT_POLICY, num_devices: int | None = None,
+                 slots: torch.Tensor | None = None):
         super().__init__()
         self.layer = layer_map.layer
         self.hidden_size, self.intermediate_size, self.act = hidden_size, intermediate_size, act
         self.num_slots = layer_map.num_slots
         self.num_experts = int(layer_map.logcnt.numel())
-        self.schemes = tuple(dict.fromkeys(layer_map.slot_scheme))  # first-seen order
-        slot_scheme = torch.tensor([self.schemes.index(s) for s in layer_map.slot_scheme], dtype=torch.int64)
+        self.split_policy, self.num_devices = split_policy, num_devices
+        # materialised slots (global ids, increasing): all of them unless expert-parallel
+        self.local_slots = torch.arange(self.num_slots) if slots is None else torch.as_tensor(slots).long().sort().values
+        local_scheme = [layer_map.slot_scheme[int(p)] for p in self.local_slots]
+        self.schemes = tuple(dict.fromkeys(local_scheme))  # first-seen order
+        slot_scheme = torch.tensor([self.schemes.index(s) for s in local_scheme], dtype=torch.int64)
         slot_index = torch.zeros_like(slot_scheme)
         for g in range(len(self.schemes)):
             members = (slot_scheme == g).nonzero().flatten()
@@ -57,6 +71,10 @@ class RQExperts(nn.Module):
         for name, t in (("phy2log", layer_map.phy2log), ("log2phy", layer_map.log2phy), ("logcnt", layer_map.logcnt),
                         ("slot_scheme", slot_scheme), ("slot_index", slot_index)):
             self.register_buffer(name, t.clone().to(device), persistent=False)
+        if layer_map.slot_device is not None:
+            self.register_buffer("slot_device", layer_map.slot_device.clone().to(device), persistent=False)
+        elif split_policy == defaults.LOAD_AWARE_POLICY:
+            raise ValueError(f"layer {self.layer}: split policy {split_policy!r} needs the map's slot_device")
         self.register_buffer("slot_load", torch.zeros(self.num_slots, dtype=torch.int64, device=device), persistent=False)
         self.count_load = False
         for g, scheme in enumerate(self.schemes):
@@ -65,10 +83,23 @@ class RQExperts(nn.Module):
                 dtype = slot_tensor_dtype(scheme, name, bias_dtype)
                 self.register_parameter(f"{scheme}_{name}", nn.Parameter(torch.empty(shape, dtype=dtype, device=device),
                                                                          requires_grad=False))
+        # checkpoint tensor -> the rows of it materialised here (only when a subset; empty: a group
+        # this module holds no slot of, so no parameter)
+        self.checkpoint_rows: dict[str, torch.Tensor] = {}
+        if slots is not None:
+            for scheme in dict.fromkeys(layer_map.slot_scheme):
+                same = [p for p, s in enumerate(layer_map.slot_scheme) if s == scheme]
+                rows = torch.tensor([same.index(int(p)) for p in self.local_slots if layer_map.slot_scheme[int(p)] == scheme],
+                                    dtype=torch.int64)
+                for name in slot_tensor_shapes(scheme, 0, hidden_size, intermediate_size):
+                    self.checkpoint_rows[f"{scheme}_{name}"] = rows
+            if has_bias:
+                self.checkpoint_rows["gate_up_bias"] = self.checkpoint_rows["down_bias"] = self.local_slots
         if has_bias:
-            self.gate_up_bias = nn.Parameter(torch.empty(self.num_slots, 2 * intermediate_size, dtype=bias_dtype,
+            n = self.local_slots.numel()
+            self.gate_up_bias = nn.Parameter(torch.empty(n, 2 * intermediate_size, dtype=bias_dtype,
                                                          device=device), requires_grad=False)
-            self.down_bias = nn.Parameter(torch.empty(self.num_slots, hidden_size, dtype=bias_dtype, device=device),
+            self.down_bias = nn.Parameter(torch.empty(n, hidden_size, dtype=bias_dtype, device=device),
                                           requires_grad=False)
         else:
             self.gate_up_bias = self.down_bias = None
@@ -90,13 +121,34 @@ class RQExperts(nn.Module):
         return SlotWeights(self.schemes, self.slot_scheme, self.slot_index, tuple(groups), self.hidden_size,
                            self.intermediate_size, self.act, self.gate_up_bias, self.down_bias)
 
+    def choose_slots(self, top_k_index: torch.Tensor, counts_before=None, step_counts=None) -> torch.Tensor:
+        """``top_k_index [T, K]`` logical ids -> physical slots ``[T, K]`` under the layer's split policy
+        (``counts_before`` / ``step_counts [E]``: this rank's place in an expert-parallel step)."""
+        return choose_slots(top_k_index, self.log2phy, self.logcnt, self.split_policy,
+                            getattr(self, "slot_device", None), self.num_devices, counts_before, step_counts)
+
+    def forward_local(self, hidden_states: torch.Tensor, local_slot: torch.Tensor) -> torch.Tensor:
+        """Rows ``hidden_states [N, H]`` through materialised slot ``local_slot [N]`` (index into
+        ``local_slots``), unweighted -> ``[N, H]``."""
+        dispatch = dispatch_from_phy(local_slot.view(-1, 1), self.local_slots.numel())
+        ones = torch.ones(local_slot.numel(), 1, dtype=hidden_states.dtype, device=hidden_states.device)
+        return moe_experts(hidden_states, ones, dispatch, self.slot_weights())
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         shape = hidden_states.shape  # [T, H], or [B, S, H] where the family passes it unflattened (DBRX)
-        dispatch = replica_dispatch(top_k_index, self.log2phy, self.logcnt, self.num_slots)
+        if self.checkpoint_rows:
+            raise RuntimeError(f"layer {self.layer}: holds {self.local_slots.numel()} of {self.num_slots} slots; "
+                               "it runs only through its expert-parallel forward (rq_tool.runtime.ep)")
+        if self.split_policy == defaults.SPLIT_POLICY:
+            dispatch = replica_dispatch(top_k_index, self.log2phy, self.logcnt, self.num_slots)
+        else:
+            dispatch = dispatch_from_phy(self.choose_slots(top_k_index), self.num_slots)
         if self.count_load:
             self.slot_load += dispatch.slot_counts.to(self.slot_load.device)
         out = moe_experts(hidden_states.reshape(-1, shape[-1]), top_k_weights, dispatch, self.slot_weights())
         return out.view(shape)
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, experts={self.num_experts}, slots={self.num_slots}, schemes={self.schemes}"
+        local = "" if self.local_slots.numel() == self.num_slots else f", materialised={self.local_slots.numel()}"
+        return (f"layer={self.layer}, experts={self.num_experts}, slots={self.num_slots}{local}, schemes={self.schemes}, "
+                f"split={self.split_policy}")

@@ -35,8 +35,14 @@ from rq_tool.runtime.hf import RQConfig, RQForCausalLM  # noqa: F401
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load(path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None):
-    """Load a rewritten model directory as the base family's CausalLM with RQ experts."""
+def load(path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None, *,
+         ep_size: int | None = None, distributed_config=None):
+    """Load a rewritten model directory as the base family's CausalLM with RQ experts.
+
+    ``ep_size`` / ``distributed_config`` (a transformers ``DistributedConfig``; under torchrun):
+    expert parallel on transformers' machinery, each rank holding the slots the routing map's
+    placement gives it (``rq_tool.runtime.ep``).
+    """
     from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.initialization import no_init_weights
 
@@ -48,6 +54,11 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
     rmap = md.routing_map
     ckpt = SafetensorsCheckpoint(path)
     integrity.check(path, md, ckpt)  # dtypes, shapes, activation, shard paths: the model loads as planned
+    ep = None
+    if ep_size is not None or distributed_config is not None:
+        from .ep import ExpertParallel
+
+        ep = ExpertParallel.setup(rmap, ep_size, distributed_config, where=str(path))
     compute_dtype = _DTYPES.get(str(d.get("dtype") or d.get("torch_dtype") or "float32"), torch.float32)
     if dtype not in (None, "auto"):
         compute_dtype = dtype if isinstance(dtype, torch.dtype) else _DTYPES.get(str(dtype).replace("torch.", ""))
@@ -65,18 +76,43 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
         canon = family.canonical_experts(block.experts)
         inter = canon["gate_up"].shape[1] // 2
         block.experts = RQExperts(rmap.layer(layer), H, inter, rmap.activation, has_bias="down_bias" in canon,
-                                  bias_dtype=compute_dtype)
-    _load_weights(model, path, compute_dtype, ckpt.shards)
+                                  bias_dtype=compute_dtype, split_policy=rmap.split_policy,
+                                  num_devices=rmap.num_devices, slots=None if ep is None else ep.slots(rmap.layer(layer)))
+    _load_weights(model, path, compute_dtype, ckpt.shards, _checkpoint_rows(model))
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval()
     if device is not None:
         model.to(device)
+    if ep is not None:
+        ep.distribute(model)
     return model
 
 
-def _load_weights(model, path: Path, compute_dtype: torch.dtype, shards: list[Path]) -> None:
-    """Load ``shards`` (checked to lie inside ``path`` by ``rq_tool.checkpoint.shard_files``)."""
+def _checkpoint_rows(model) -> dict[str, torch.Tensor]:
+    """State-dict key -> the rows of the checkpoint tensor it holds, for experts holding a subset of slots."""
+    return {f"{name}.{key}": rows for name, m in model.named_modules() if isinstance(m, RQExperts)
+            for key, rows in m.checkpoint_rows.items()}
+
+
+def _read_rows(f, key: str, rows: torch.Tensor) -> torch.Tensor:
+    """Only ``rows`` (sorted, int64) of tensor ``key`` from an open safetensors file, by runs of consecutive rows."""
+    sl, parts, rows = f.get_slice(key), [], rows.tolist()
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1:
+            parts.append(sl[rows[start]:rows[i - 1] + 1])
+            start = i
+    if not parts:
+        shape = sl.get_shape()
+        return torch.empty(0, *shape[1:], dtype=f.get_tensor(key).dtype)
+    return torch.cat(parts)
+
+
+def _load_weights(model, path: Path, compute_dtype: torch.dtype, shards: list[Path],
+                  rows: dict[str, torch.Tensor] | None = None) -> None:
+    """Load ``shards`` (checked to lie inside ``path`` by ``rq_tool.checkpoint.shard_files``); ``rows``:
+    the checkpoint rows of experts that hold a subset of slots (``_checkpoint_rows``)."""
     expected = model.state_dict()
     loaded: set[str] = set()
     for shard in shards:
@@ -84,7 +120,9 @@ def _load_weights(model, path: Path, compute_dtype: torch.dtype, shards: list[Pa
         try:
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():
-                    t = f.get_tensor(key)
+                    if rows and key in rows and key not in expected and rows[key].numel() == 0:
+                        continue  # a slot group held by other expert-parallel ranks only
+                    t = f.get_tensor(key) if not rows or key not in rows else _read_rows(f, key, rows[key])
                     ref = expected.get(key)
                     if ref is None:
                         raise RQError(f"{shard.name}: unexpected tensor {key!r} (not part of the model)")
@@ -134,6 +172,7 @@ class RQForCausalLM(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=None, torch_dtype=None, device_map=None,
-                        **kwargs):
+                        distributed_config=None, **kwargs):
         device = device_map if isinstance(device_map, (str, torch.device)) and device_map != "auto" else None
-        return load(pretrained_model_name_or_path, dtype=dtype if dtype is not None else torch_dtype, device=device)
+        return load(pretrained_model_name_or_path, dtype=dtype if dtype is not None else torch_dtype, device=device,
+                    distributed_config=distributed_config)

@@ -16,7 +16,6 @@ tensor data. Checks, each reported as one line:
 from __future__ import annotations
 
 import hashlib
-import re
 
 from ..checkpoint import TORCH_TO_ST, SafetensorsCheckpoint
 from ..errors import RQError
@@ -49,17 +48,17 @@ def problems(path, model_dir, ckpt: SafetensorsCheckpoint | None = None) -> list
     try:
         from ..arch import get_family
 
+        from ..arch.families import text_config
+
         cfg = base_config(config)
-        family = get_family(cfg)
-        expected_act = family.activation(cfg)
+        expected_act = get_family(cfg).activation(cfg)
+        # the built config, not the raw dict: families name it differently (DBRX: d_model)
+        hidden = check_int(getattr(text_config(cfg), "hidden_size", None), "config.json", "hidden_size", 1)
     except RQError as e:
         return [str(e)]
     if rmap.activation != expected_act:
         out.append(f"routing map activation {rmap.activation!r} differs from the base config's {expected_act!r}")
-    # the experts' hidden size and runtime paths come from the family (DBRX: d_model, transformer.blocks.<l>.ffn)
-    hidden = getattr(family, "hidden_size", None) or check_int(get(config, "hidden_size", "config.json"),
-                                                               "config.json", "hidden_size", 1)
-    out += _slot_problems(ckpt, rmap, hidden, getattr(family, "experts_prefixes", {}))
+    out += _slot_problems(ckpt, rmap, hidden)
     recorded = model_dir.rq.get("tensors_sha256")
     if not out and recorded is not None and recorded != header_fingerprint(ckpt):
         out.append("tensor headers (names, dtypes, shapes) differ from what rq wrote (rq.tensors_sha256)")
@@ -74,20 +73,25 @@ def check(path, model_dir, ckpt: SafetensorsCheckpoint | None = None) -> None:
         raise RQError(f"{path}: {found[0]}{more}")
 
 
-def _slot_problems(ckpt: SafetensorsCheckpoint, rmap: RoutingMap, hidden: int,
-                   prefixes: dict[int, str] | None = None) -> list[str]:
+def _layer_of_experts_key(key: str) -> int | None:
+    """The decoder layer of an experts tensor key (its first numeric path segment, with an
+    ``experts`` segment after it: ``model.layers.3.mlp.experts.int8_w13``, DBRX's
+    ``transformer.blocks.3.ffn.experts.bf16_w13``), else None."""
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return int(p) if "experts" in parts[i + 1:] else None
+    return None
+
+
+def _slot_problems(ckpt: SafetensorsCheckpoint, rmap: RoutingMap, hidden: int) -> list[str]:
     problems = []
     for lm in rmap.layers:
-        known = (prefixes or {}).get(lm.layer)
-        if known is not None:
-            keys = {k: v for k, v in ckpt.tensors.items() if k.startswith(known)}
-        else:
-            pat = re.compile(rf"(^|\.)layers\.{lm.layer}\.[A-Za-z_]+\.experts\.")
-            keys = {k: v for k, v in ckpt.tensors.items() if pat.search(k)}
+        keys = {k: v for k, v in ckpt.tensors.items() if _layer_of_experts_key(k) == lm.layer}
         if not keys:
             problems.append(f"layer {lm.layer}: no slot tensors stored")
             continue
-        prefix = known or next(iter(keys)).rsplit(".experts.", 1)[0] + ".experts."
+        prefix = next(iter(keys)).rsplit(".experts.", 1)[0] + ".experts."
         schemes = dict.fromkeys(lm.slot_scheme)
         inter = _intermediate_size(keys, prefix, schemes, hidden)
         expected = {}  # key -> (shape, safetensors dtype)

@@ -69,9 +69,8 @@ def base_config(d: dict):
     from ..arch.families import config_from_dict
 
     base_type = get(d["rq"], "base_model_type", "config.json", "rq")
-    if base_type not in CONFIG_MAPPING:  # the family itself is judged on the config (get_family) by the loader
-        raise RQError(f"config.json: base model_type {base_type!r} is not supported: the installed transformers "
-                      "does not know it")
+    if base_type not in CONFIG_MAPPING:  # the family itself is checked on the built config by the loader
+        raise RQError(f"config.json: rq.base_model_type {base_type!r} is not known to the installed transformers")
     try:
         cfg = config_from_dict(base_type, {k: v for k, v in d.items() if k not in _NOT_BASE_KEYS})
     except Exception as e:  # transformers validates values in its own ways

@@ -19,6 +19,7 @@ import rq_tool
 from rq_tool.arch import get_family
 from rq_tool.arch.catalog import family_status, moe_causal_lm_types
 from rq_tool.errors import RQError
+from rq_tool.rewrite.verify import verify
 from rq_tool.runtime import RQExperts
 from tiny_models import FAMILIES, save_tiny, tiny_config, write_texts
 
@@ -119,8 +120,9 @@ def test_family_calibrate_rewrite_generate(rewritten, model_type, one_thread):
     K = prof.model["top_k"]
     for lp in prof.layers:
         assert int(lp.load.sum()) == 4 * 16 * K
-    # replicate-only: exact
+    # replicate-only: exact, and the directory verifies (manifest, routing map vs tensors)
     assert sum(lp.num_replicas for lp in rep.plan.layers) > 0
+    assert verify(root / "rep") == [] and verify(root / "greedy") == []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         orig = AutoModelForCausalLM.from_pretrained(root / "src").eval()

@@ -38,6 +38,7 @@ GENERIC_OVERRIDES = {
     "beam": dict(mlp_layer_types=["dense", "sparse"]),
     "flint": dict(mlp_only_layers=[0]),
     "dots1": dict(n_shared_experts=1),
+    "zaya": dict(num_experts_per_tok=1),  # top-1 routing only
     "dbrx": dict(d_model=64, n_heads=4, ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2),
                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0), max_seq_len=128),
 }

@@ -14,14 +14,14 @@ import warnings
 from dataclasses import dataclass
 
 from ..errors import RQError
-from .families import _expert_counts, get_family
+from .families import UnjudgedConfig, _expert_counts, get_family
 
 
 @dataclass(frozen=True)
 class FamilyStatus:
     model_type: str
     causal_lm_class: str
-    supported: bool
+    supported: bool | None  # None: not judged (the config given or the default one builds no experts)
     adapter: str  # adapter class name when supported
     activation: str
     note: str  # why not, when unsupported (one line)
@@ -66,7 +66,11 @@ def family_status(model_type: str, config=None) -> FamilyStatus:
     except RQError as e:
         note = str(e)
         prefix = f"{model_type}: "
-        return FamilyStatus(model_type, cls, False, "", "", note[len(prefix):] if note.startswith(prefix) else note)
+        note = note[len(prefix):] if note.startswith(prefix) else note
+        judged = not isinstance(e, UnjudgedConfig)
+        if not judged and config is None:
+            note = f"not judged on the default config: {note}; run `rq families MODEL_DIR` on a checkpoint"
+        return FamilyStatus(model_type, cls, False if judged else None, "", "", note)
     return FamilyStatus(model_type, cls, True, type(fam).__name__, fam.activation(), "")
 
 
@@ -75,9 +79,13 @@ def family_table(statuses: list[FamilyStatus] | None = None) -> str:
     if statuses is None:
         statuses = [family_status(mt) for mt in moe_causal_lm_types()]
     ok = [s for s in statuses if s.supported]
-    lines = [f"{len(ok)} of {len(statuses)} MoE causal-LM families in this transformers are supported.", "",
+    unjudged = sum(s.supported is None for s in statuses)
+    lines = [f"{len(ok)} of {len(statuses)} MoE causal-LM families in this transformers are supported"
+             + (f" ({unjudged} not judged on their default config)." if unjudged else "."), "",
              "| model_type | class | rq | adapter / reason |", "|---|---|---|---|"]
-    for s in sorted(statuses, key=lambda s: (not s.supported, s.model_type)):
+    rank = {True: 0, False: 1, None: 2}
+    for s in sorted(statuses, key=lambda s: (rank[s.supported], s.model_type)):
         what = f"{s.adapter}, `{s.activation}`" if s.supported else s.note.replace("|", "/")
-        lines.append(f"| `{s.model_type}` | {s.causal_lm_class} | {'yes' if s.supported else 'no'} | {what} |")
+        mark = {True: "yes", False: "no", None: "?"}[s.supported]
+        lines.append(f"| `{s.model_type}` | {s.causal_lm_class} | {mark} | {what} |")
     return "\n".join(lines)

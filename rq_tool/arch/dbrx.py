@@ -21,7 +21,7 @@ from ..errors import RQError
 from .activation import activation_fn
 from .base import ExpertKey
 from .families import SoftmaxTopK
-from .structure import ExpertsLayout, _act_names, _probe
+from .structure import ExpertsLayout, act_names, probe_rows
 
 _DISK = re.compile(r"^(?P<path>.+\.experts)\.mlp\.(?P<w>w1|v1|w2)$")
 _ROLE = {"w1": "gate", "v1": "up", "w2": "down"}
@@ -43,10 +43,10 @@ class Dbrx(SoftmaxTopK):
     def _detect_activation(self, experts) -> str:
         act = experts.mlp.activation_fn
         name = (self.config.ffn_config.ffn_act_fn or {}).get("name", "silu")
-        h = _probe(2 * self._I)
+        h = probe_rows(2 * self._I)
         gate, up = h.chunk(2, dim=-1)
         want = act(gate) * up
-        for n in dict.fromkeys([name, *_act_names(act)]):
+        for n in dict.fromkeys([name, *act_names(act)]):
             spec = f"glu:{n}"
             try:
                 if torch.allclose(activation_fn(spec)(h), want, rtol=1e-5, atol=1e-5):

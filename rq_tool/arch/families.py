@@ -31,6 +31,11 @@ from .structure import (ExpertsLayout, MoEBlockInfo, detect_activation, experts_
 _TOP_K_ATTRS = ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts", "moe_k", "experts_per_token")
 
 
+class UnjudgedConfig(RQError):
+    """This config says nothing about the family's experts: transformers cannot build it, or it
+    builds no experts module (dense, or MoE layers disabled by this config)."""
+
+
 def text_config(config):
     try:
         return config.get_text_config(decoder=True)
@@ -50,7 +55,7 @@ def meta_model(config) -> nn.Module:
         raise
     except Exception as e:
         msg = (str(e).splitlines() or [""])[0][:200]
-        raise RQError(f"transformers cannot build model_type {config.model_type!r} from this config "
+        raise UnjudgedConfig(f"transformers cannot build model_type {config.model_type!r} from this config "
                       f"({type(e).__name__}: {msg})") from None
 
 
@@ -70,9 +75,10 @@ class StructuralFamily(MoEFamily):
     def _init_structure(self, model: nn.Module) -> None:
         self.blocks: list[MoEBlockInfo] = find_moe_blocks(model, self.is_experts)
         if not self.blocks:
-            raise RQError(describe_unsupported(model, self.config))
+            msg, found_experts = describe_unsupported(model, self.config)
+            raise (RQError if found_experts else UnjudgedConfig)(msg)
         first = model.get_submodule(self.blocks[0].path + ".experts")
-        self._check_uniform(model)
+        self._check_uniform()
         self.layout = self._read_layout(first)
         self.has_expert_bias = self.layout.has_bias
         canon = self.canonical_experts(first)
@@ -86,7 +92,7 @@ class StructuralFamily(MoEFamily):
             raise RQError(f"{self.name}: transformers reshapes non-expert tensors when loading this checkpoint "
                           f"({'; '.join(foreign[:2])}); rq copies non-expert tensors unchanged and cannot rewrite it yet")
 
-    def _check_uniform(self, model: nn.Module) -> None:
+    def _check_uniform(self) -> None:
         classes = {b.experts_class for b in self.blocks}
         if len(classes) > 1:
             raise RQError(f"{self.name}: MoE layers use different experts classes ({', '.join(sorted(classes))}); "
@@ -333,14 +339,15 @@ def _expert_counts(config) -> dict[str, int]:
     return out
 
 
-def describe_unsupported(model: nn.Module, config) -> str:
-    """Why a model without fused experts modules is not rewritable: dense, or an MoE of another form."""
+def describe_unsupported(model: nn.Module, config) -> tuple[str, bool]:
+    """Why a model without fused experts modules is not rewritable: dense, or an MoE of another
+    form; and whether it has expert modules at all (else this config says nothing of the family)."""
     mt = config.model_type
     expertish = [(n, type(m).__name__) for n, m in model.named_modules()
                  if n.rsplit(".", 1)[-1].lower().find("expert") >= 0 and n.count(".") >= 2]
     counts = _expert_counts(config)
     if not expertish and not counts:
-        return f"model_type {mt!r} is a dense (non-MoE) model: no MoE experts module found"
+        return f"model_type {mt!r} is a dense (non-MoE) model: no MoE experts module found", False
     if expertish:
         name, cls = expertish[0]
         what = (f"{cls} at {name} is not a fused experts module (3-D gate_up_proj [E, 2I, H] and down_proj "
@@ -348,13 +355,4 @@ def describe_unsupported(model: nn.Module, config) -> str:
     else:
         what = f"the config counts experts ({', '.join(f'{k}={v}' for k, v in counts.items())}) but this " \
                "configuration builds no experts module"
-    return f"model_type {mt!r} is an MoE model rq cannot rewrite: {what}"
-
-
-def describe(config_or_model_type) -> str:
-    """One line: what rq makes of a config (used by ``rq families``)."""
-    try:
-        fam = get_family(config_or_model_type)
-    except RQError as e:
-        return f"unsupported: {e}"
-    return f"supported ({type(fam).__name__}, activation {fam.activation()}, {len(fam.blocks)} MoE layers)"
+    return f"model_type {mt!r} is an MoE model rq cannot rewrite: {what}", bool(expertish)

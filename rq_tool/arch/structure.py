@@ -163,13 +163,13 @@ def shared_modules(block: nn.Module) -> list[nn.Module]:
 _PROBE_ROWS = 16
 
 
-def _probe(two_i: int, dtype=torch.float32) -> torch.Tensor:
+def probe_rows(two_i: int, dtype=torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     # wide range so that clamps (gpt-oss limit 7) and softcaps are exercised
     return (torch.randn(_PROBE_ROWS, two_i, generator=g) * 6.0).to(dtype)
 
 
-def _act_names(act_fn: nn.Module | None) -> list[str]:
+def act_names(act_fn: nn.Module | None) -> list[str]:
     """ACT2FN names whose class is the type of ``act_fn`` (candidates for ``glu:<name>``)."""
     if act_fn is None:
         return []
@@ -194,7 +194,7 @@ def _number(experts: nn.Module, config, *names: str) -> float | None:
 
 def candidate_activations(experts: nn.Module, config) -> list[str]:
     """Activation specs (``activation.py``) the experts module might compute, most likely first."""
-    names = _act_names(getattr(experts, "act_fn", None))
+    names = act_names(getattr(experts, "act_fn", None))
     hidden_act = getattr(config, "hidden_act", None)
     if isinstance(hidden_act, str):  # the config's own name first, so specs read as the config does
         names = [hidden_act] + [n for n in names if n != hidden_act]
@@ -222,7 +222,7 @@ def detect_activation(experts: nn.Module, layout: ExpertsLayout, config, two_i: 
             gate, up = h.chunk(2, dim=-1)
             return act(gate) * up
 
-    canon = _probe(two_i)
+    canon = probe_rows(two_i)
     try:
         with torch.no_grad():
             want = apply_gate(layout.from_canonical_rows(canon))

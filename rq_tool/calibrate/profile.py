@@ -191,7 +191,9 @@ class Profile:
             tensors = {"loads": self.seq_loads.to(torch.int64).contiguous()}
             if self.seq_domain is not None:
                 tensors["domain"] = self.seq_domain.to(torch.int64).contiguous()
-            blob = save(tensors, metadata={"format": "rq-profile-loads", "version": "1"})
+            # one metadata key: safetensors serialises the metadata map in hash order, so two keys
+            # would make the bytes (and the sha256 the profile records) differ from run to run
+            blob = save(tensors, metadata={"format": "rq-profile-loads/1"})
             name = (path.name[:-5] if path.name.endswith(".json") else path.name) + defaults.PROFILE_LOADS_SUFFIX
             if kind is not None:
                 from ..outputs import check_output

@@ -23,7 +23,7 @@ import torch
 
 from rq_tool.arch.activation import activation_fn
 from rq_tool.errors import RQError
-from rq_tool.quant import NF4_BLOCKSIZE, get_scheme, nf4_dequantize_torch
+from rq_tool.quant import NF4_BLOCKSIZE, get_scheme, nf4_dequantize
 
 # scheme kind -> extra tensor suffix per matrix (None for float)
 _EXTRA = {"int8": "scale", "nf4": "absmax"}
@@ -109,9 +109,8 @@ class SlotWeights:
             gu = g["gate_up"][rows].float() * g["gate_up_scale"][rows][:, :, None]
             return gu.to(dtype), (g["down"][rows].float() * g["down_scale"][rows][:, :, None]).to(dtype)
         # nf4: every matrix is a whole number of 64-blocks, so the rows dequantize as one buffer
-        gu = nf4_dequantize_torch(g["gate_up"][rows].reshape(-1), g["gate_up_absmax"][rows].reshape(-1), (n, 2 * I, H))
-        dn = nf4_dequantize_torch(g["down"][rows].reshape(-1), g["down_absmax"][rows].reshape(-1), (n, H, I))
-        return gu.to(dtype), dn.to(dtype)
+        gu = nf4_dequantize(g["gate_up"][rows], g["gate_up_absmax"][rows], (n, 2 * I, H), dtype)
+        return gu, nf4_dequantize(g["down"][rows], g["down_absmax"][rows], (n, H, I), dtype)
 
     def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """All slots as ``gate_up [P, 2I, H]``, ``down [P, H, I]`` in ``dtype`` (no copy when the
@@ -138,8 +137,8 @@ class SlotWeights:
         if kind == "int8":
             gu = g["gate_up"][row].float() * g["gate_up_scale"][row][:, None]
             return gu.to(dtype), (g["down"][row].float() * g["down_scale"][row][:, None]).to(dtype)
-        gu = nf4_dequantize_torch(g["gate_up"][row], g["gate_up_absmax"][row], (2 * I, H))
-        return gu.to(dtype), nf4_dequantize_torch(g["down"][row], g["down_absmax"][row], (H, I)).to(dtype)
+        gu = nf4_dequantize(g["gate_up"][row], g["gate_up_absmax"][row], (2 * I, H), dtype)
+        return gu, nf4_dequantize(g["down"][row], g["down_absmax"][row], (H, I), dtype)
 
     def to(self, device: torch.device | str) -> "SlotWeights":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731

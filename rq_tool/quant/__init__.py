@@ -6,7 +6,9 @@ from .schemes import (
     SCHEMES,
     Scheme,
     get_scheme,
+    NF4_CODE,
     nf4_code,
+    nf4_dequantize,
     nf4_dequantize_torch,
     scheme_for_dtype,
 )
@@ -17,7 +19,9 @@ __all__ = [
     "SCHEMES",
     "Scheme",
     "get_scheme",
+    "NF4_CODE",
     "nf4_code",
+    "nf4_dequantize",
     "nf4_dequantize_torch",
     "scheme_for_dtype",
 ]

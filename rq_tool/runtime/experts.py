@@ -17,6 +17,12 @@ State-dict keys (slot format v1, one group per scheme present in the layer, see
 
 Per-slot load counting (``count_load = True``) adds each batch's slot counts to ``slot_load``;
 it is off by default and costs nothing when off.
+
+On the torch (CPU) path, replicas whose stored tensors are identical are computed as one slot
+(``kernels.experts_cpu.identical_slots``; same numbers, the split only matters across devices), so
+a layer whose replicas are all exact copies skips the dispatch unless it counts loads.
+``cache_dequantized = True`` keeps dequantized quantized slots after first use (faster, and costs
+their float bytes: see ``kernels.experts_cpu.DequantCache``); off by default.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import SlotWeights, moe_experts, replica_dispatch
+from ..kernels import SlotWeights, moe_experts, replica_dispatch, resolve_impl
+from ..kernels.experts_cpu import DequantCache, identical_slots, moe_experts_cpu
 from ..kernels.slots import group_shapes as slot_tensor_shapes
 from .routing_map import LayerMap
 
@@ -59,6 +66,7 @@ class RQExperts(nn.Module):
             self.register_buffer(name, t.clone().to(device), persistent=False)
         self.register_buffer("slot_load", torch.zeros(self.num_slots, dtype=torch.int64, device=device), persistent=False)
         self.count_load = False
+        self.cache_dequantized = False
         for g, scheme in enumerate(self.schemes):
             n = int((slot_scheme == g).sum())
             for name, shape in slot_tensor_shapes(scheme, n, hidden_size, intermediate_size).items():
@@ -80,7 +88,27 @@ class RQExperts(nn.Module):
         if cached is None or cached[0] != key:
             cached = (key, self._build_slot_weights())
             self.__dict__["_slot_weights"] = cached
+            self.__dict__.pop("_compute_plan", None)
+            self.__dict__["_dequant_cache"] = DequantCache()
         return cached[1]
+
+    def _cpu_plan(self, weights: SlotWeights) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``compute_slot [P]`` (identical replicas share one) and, when every expert's replicas
+        are identical, ``log2c [E]`` (the one compute slot of each logical expert), else None."""
+        plan = self.__dict__.get("_compute_plan")
+        if plan is None:
+            compute = identical_slots(weights, self.phy2log)
+            log2c = compute[self.log2phy[:, 0]]
+            valid = self.log2phy >= 0
+            same = (compute[self.log2phy.clamp(min=0)] == log2c[:, None]) | ~valid
+            plan = self.__dict__["_compute_plan"] = (compute, log2c if bool(same.all()) else None)
+        return plan
+
+    @property
+    def dequant_cache_bytes(self) -> int:
+        """Bytes the opt-in dequantized-slot cache holds now (0 when ``cache_dequantized`` is off)."""
+        cache = self.__dict__.get("_dequant_cache")
+        return 0 if cache is None else cache.nbytes
 
     def _build_slot_weights(self) -> SlotWeights:
         groups = []
@@ -91,10 +119,25 @@ class RQExperts(nn.Module):
                            self.intermediate_size, self.act, self.gate_up_bias, self.down_bias)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if resolve_impl(None, hidden_states.is_cuda) == "torch":
+            return self._forward_cpu(hidden_states, top_k_index, top_k_weights)
         dispatch = replica_dispatch(top_k_index, self.log2phy, self.logcnt, self.num_slots)
         if self.count_load:
             self.slot_load += dispatch.slot_counts.to(self.slot_load.device)
         return moe_experts(hidden_states, top_k_weights, dispatch, self.slot_weights())
+
+    def _forward_cpu(self, hidden_states, top_k_index, top_k_weights):
+        weights = self.slot_weights()
+        compute, log2c = self._cpu_plan(weights)
+        if log2c is not None and not self.count_load:
+            slot_ids = log2c[top_k_index]
+        else:
+            dispatch = replica_dispatch(top_k_index, self.log2phy, self.logcnt, self.num_slots)
+            if self.count_load:
+                self.slot_load += dispatch.slot_counts.to(self.slot_load.device)
+            slot_ids = compute[dispatch.phy_ids]
+        cache = self.__dict__["_dequant_cache"] if self.cache_dequantized else None
+        return moe_experts_cpu(hidden_states, top_k_weights, slot_ids, weights, cache)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, experts={self.num_experts}, slots={self.num_slots}, schemes={self.schemes}"

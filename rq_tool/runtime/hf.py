@@ -59,8 +59,13 @@ def base_config(d: dict):
     return cfg
 
 
-def load(path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None):
-    """Load a rewritten model directory as the base family's CausalLM with RQ experts."""
+def load(path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+         cache_dequantized: bool = False):
+    """Load a rewritten model directory as the base family's CausalLM with RQ experts.
+
+    ``cache_dequantized``: on the CPU path keep each quantized slot's dequantized weights after its
+    first use (faster nf4, but the cached slots then cost their float bytes; off by default).
+    """
     from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.initialization import no_init_weights
 
@@ -85,6 +90,7 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
         inter = canon["gate_up"].shape[1] // 2
         block.experts = RQExperts(rmap.layer(layer), H, inter, rmap.activation, has_bias="down_bias" in canon,
                                   bias_dtype=compute_dtype)
+        block.experts.cache_dequantized = cache_dequantized
     _load_weights(model, path, compute_dtype)
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
@@ -119,6 +125,8 @@ def _load_weights(model, path: Path, compute_dtype: torch.dtype) -> None:
                                       f"{tuple(ref.shape)}")
                     if t.is_floating_point() and not key.endswith(("_scale", "_absmax")):
                         t = t.to(compute_dtype)
+                    elif not t.is_floating_point() and t.data_ptr() % 64:
+                        t = t.clone()  # safetensors may hand out unaligned int8 data; CPU int8 kernels need it aligned
                     chunk[key] = t
         except RQError:
             raise

@@ -32,8 +32,11 @@ def interpreter_usable() -> bool:
     helpers such as ``tl.zeros`` were compiled for a GPU and the interpreter fails inside them)."""
     if not interpreter_enabled():
         return False
-    import triton.language.standard as std
-    from triton.runtime.interpreter import InterpretedFunction
+    try:
+        import triton.language.standard as std
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
 
     return isinstance(std.zeros, InterpretedFunction)
 

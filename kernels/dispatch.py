@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rq_tool.errors import RQError
+
 from .backend import resolve_impl
 
 
@@ -103,7 +105,10 @@ def replica_dispatch(
     Triton experts kernel needs ``block_size`` a power of two >= 16. ``impl``: see ``backend``.
     """
     if resolve_impl(impl, topk_ids.is_cuda) == "triton":
-        from .dispatch_triton import replica_dispatch_triton
+        try:  # optional: triton (resolve_impl checked it is installed); a bundled model runs without it
+            from .dispatch_triton import replica_dispatch_triton
+        except ImportError as e:
+            raise RQError(f"the Triton kernels cannot be imported ({e})", hint="use RQ_KERNEL=torch") from None
 
         _check(topk_ids, log2phy, logcnt, num_slots, block_size)
         return replica_dispatch_triton(topk_ids, log2phy, logcnt, num_slots, block_size)

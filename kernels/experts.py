@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from rq_tool.arch.activation import activation_fn
 
+from rq_tool.errors import RQError
+
 from .backend import resolve_impl
 from .dispatch import Dispatch
 from .experts_cpu import moe_experts_cpu
@@ -84,7 +86,10 @@ def moe_experts(
     (glu:silu / gelu / gelu_pytorch_tanh / relu, gptoss).
     """
     if resolve_impl(impl, x.is_cuda) == "triton":
-        from .experts_triton import moe_experts_triton
+        try:  # optional: triton (resolve_impl checked it is installed); a bundled model runs without it
+            from .experts_triton import moe_experts_triton
+        except ImportError as e:
+            raise RQError(f"the Triton kernels cannot be imported ({e})", hint="use RQ_KERNEL=torch") from None
 
         _check(x, topk_weights, dispatch, weights)
         return moe_experts_triton(x, topk_weights, dispatch, weights)

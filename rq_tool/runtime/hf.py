@@ -1,10 +1,13 @@
 """Loading a rewritten model: ``rq_tool.load(path)`` and the transformers remote-code entry.
 
-A rewritten directory's config.json has ``model_type: "rq"``, an ``rq`` section (base model
-type, routing map) and an ``auto_map`` pointing at ``modeling_rq.py``, which only re-exports the
-two classes below. So ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`` and
-``pipeline(..., trust_remote_code=True)`` load it, and loading *without* trusting remote code
-fails loudly instead of silently building the base model with missing experts.
+A rewritten directory's config.json keeps the base ``model_type`` (so ``AutoTokenizer`` and
+``AutoConfig`` read it without remote code), adds an ``rq`` section (base model type, routing
+map), ``experts_implementation: "rq"`` and an ``auto_map`` pointing at ``modeling_rq.py``, the
+entry of the runtime bundled beside it (``bundle.py``: this module and what it imports, torch +
+transformers only). So ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`` and
+``pipeline(..., trust_remote_code=True)`` load it without rq-tool installed, and loading *without*
+trusting remote code fails loudly (the base class rejects ``experts_implementation="rq"``) instead
+of silently building the base model with missing experts.
 
 The model is the base family's own CausalLM class (generation, pipelines and caches unchanged)
 with every MoE block's experts module replaced by ``RQExperts``.
@@ -20,19 +23,16 @@ import torch
 from safetensors import safe_open
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .. import __version__, defaults
+from .. import defaults
 from ..arch import get_family
 from ..errors import RQError, read_json
 from .experts import RQExperts
 from .routing_map import RoutingMap
 
-REMOTE_CODE = f'''"""rq runtime entry point (written by rq-tool {__version__}); loading needs `pip install rq-tool`."""
-
-from rq_tool.runtime.hf import RQConfig, RQForCausalLM  # noqa: F401
-'''
-
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_NOT_BASE_KEYS = ("model_type", "auto_map", "architectures")
+# "experts_implementation": "rq" in config.json makes the base class refuse the directory (loading it
+# without trust_remote_code fails loudly); the rq runtime builds the base model without it
+_NOT_BASE_KEYS = ("model_type", "auto_map", "architectures", "experts_implementation")
 
 
 def read_rq_config(path: Path) -> dict:
@@ -169,5 +169,30 @@ class RQForCausalLM(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=None, torch_dtype=None, device_map=None,
                         **kwargs):
-        device = device_map if isinstance(device_map, (str, torch.device)) and device_map != "auto" else None
-        return load(pretrained_model_name_or_path, dtype=dtype if dtype is not None else torch_dtype, device=device)
+        return load(pretrained_model_name_or_path, dtype=dtype if dtype is not None else torch_dtype,
+                    device=single_device(device_map), cache_dequantized=bool(kwargs.get("cache_dequantized", False)))
+
+
+def single_device(device_map) -> torch.device | None:
+    """The one device a transformers ``device_map`` names (None: leave the model on CPU).
+
+    Accepts a device string / ``torch.device`` / CUDA index, ``"auto"`` (the first CUDA device if
+    any, else CPU) and a dict whose values all name one device (e.g. ``{"": 0}``); a map over
+    several devices is an RQError (the rq runtime does not split layers across devices).
+    """
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        devices = {torch.device(f"cuda:{v}" if isinstance(v, int) else v) for v in device_map.values()}
+        if len(devices) != 1:
+            raise RQError(f"device_map spreads the model over {sorted(map(str, devices))}; an rq-rewritten model "
+                          "loads on one device", hint='pass one device, e.g. device_map="cuda:0" or device_map="cpu"')
+        return devices.pop()
+    if device_map == "auto":
+        return torch.device("cuda:0") if torch.cuda.is_available() else None
+    if isinstance(device_map, int):
+        return torch.device(f"cuda:{device_map}")
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise RQError(f"device_map={device_map!r} is not a device") from None

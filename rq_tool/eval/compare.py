@@ -23,7 +23,6 @@ JSON-ready result (format ``rq-eval`` v1):
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +37,6 @@ from .heldout import HeldOut
 from .measure import Measure, ModelMeasure, measure
 
 EVAL_FORMAT = ("rq-eval", 1)
-_ST_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
 _EXPERT_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.[A-Za-z_]+\.experts\.")
 
 
@@ -69,7 +66,7 @@ def header_expert_bytes(path) -> dict[int, int]:
     for key, info in SafetensorsCheckpoint(Path(path)).tensors.items():
         m = _EXPERT_TENSOR.search(key)
         if m:
-            n = math.prod(info.shape) * _ST_BYTES.get(info.dtype, 0)
+            n = info.stored_bytes  # as stored (a quantized source: weights + scales)
             out[int(m.group(1))] = out.get(int(m.group(1)), 0) + n
     if not out:
         raise RQError(f"{path}: no routed-expert tensors in the safetensors headers")

@@ -21,9 +21,18 @@ class ExpertLayout:
     num_experts: int
     hidden_size: int
     intermediate_size: int
-    source_scheme: str  # fp32 | bf16 | fp16
+    source_scheme: str  # fp32 | bf16 | fp16: the slot scheme that keeps an expert as read (dequantized)
     has_bias: bool
     block_prefix: dict[int, str]  # layer -> on-disk block prefix, e.g. "model.layers.3.mlp"
+    stored_bytes: dict[int, int] | None = None  # layer -> bytes of its routed experts as stored on disk
+    source_quant: str = "none"  # none | fp8 | mxfp4: how the source stores its tensors
+
+    def layer_source_bytes(self, layer: int) -> int:
+        """The original expert memory of a layer (the budget's 1.0x): the bytes as stored, which for a
+        quantized source (FP8 / MXFP4 weights + scales) is less than its experts kept as ``source_scheme``."""
+        if self.stored_bytes is None:
+            return self.num_experts * self.expert_bytes(self.source_scheme)
+        return self.stored_bytes[layer]
 
     def expert_bytes(self, scheme: str) -> int:
         """Stored bytes of one expert (both matrices, + biases kept in the source dtype)."""
@@ -38,10 +47,12 @@ def read_layout(ckpt: SafetensorsCheckpoint, family: MoEFamily) -> ExpertLayout:
     prefixes: dict[int, str] = {}
     dims: dict[str, tuple[int, ...]] = {}
     dtypes: set[str] = set()
+    stored_bytes: dict[int, int] = defaultdict(int)
     for key, info in ckpt.tensors.items():
         ek = family.parse_expert_key(key)
         if ek is None:
             continue
+        stored_bytes[ek.layer] += info.stored_bytes
         rec = per_layer[ek.layer]
         prefixes[ek.layer] = ek.block_prefix
         rec["roles"].add(ek.role)
@@ -76,7 +87,7 @@ def read_layout(ckpt: SafetensorsCheckpoint, family: MoEFamily) -> ExpertLayout:
     has_bias = any(r.startswith(("gate_up_bias", "down_bias", "gate_bias", "up_bias")) for p in per_layer.values()
                    for r in p["roles"])
     return ExpertLayout(tuple(sorted(per_layer)), E, int(H), int(two_i) // 2, _ST_DTYPES[next(iter(dtypes))], has_bias,
-                        prefixes)
+                        prefixes, dict(stored_bytes), ckpt.quant.name)
 
 
 def _meta(shape):

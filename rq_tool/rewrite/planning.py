@@ -7,6 +7,8 @@ The planner is pure (``rq_tool.plan``); this module only builds its tensors:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..calibrate.profile import Profile
@@ -58,8 +60,12 @@ def build_plan(profile: Profile, layout: ExpertLayout, *, budget, global_budget:
     from ..plan import PlanOptions, make_plan, resolve_budget
 
     load, error, names, scheme_bytes = plan_inputs(profile, layout, schemes, importance)
-    layer_bytes = torch.full((load.shape[0],), layout.num_experts * int(scheme_bytes[0]), dtype=torch.int64)
+    layer_bytes = torch.tensor([layout.layer_source_bytes(layer) for layer in layout.layers], dtype=torch.int64)
     budget_bytes = resolve_budget(budget, layer_bytes, global_budget)
+    from ..plan.strategies import STRATEGIES
+
+    if getattr(STRATEGIES.get(strategy), "enforces_budget", False):
+        _check_quantized_source_budget(layout, budget_bytes, scheme_bytes, names, global_budget)
     options = PlanOptions(strategy=strategy, max_error=max_error, error_weight=importance, **option_overrides)
     plan = make_plan(load, error, names, scheme_bytes, budget_bytes, options, global_budget=global_budget,
                      layer_ids=list(layout.layers))
@@ -68,3 +74,20 @@ def build_plan(profile: Profile, layout: ExpertLayout, *, budget, global_budget:
 
         plan = fit_devices(plan, load, error, ep_devices)
     return plan
+
+
+def _check_quantized_source_budget(layout: ExpertLayout, budget_bytes, scheme_bytes, names, global_budget) -> None:
+    """A quantized source (FP8 / MXFP4) is measured as stored, but rq writes bf16 / int8 / nf4 slots:
+    a budget too small for its experts in the cheapest of those gets the factor that would fit."""
+    if layout.source_quant == "none":
+        return
+    cheapest = int(torch.argmin(scheme_bytes))
+    need = layout.num_experts * int(scheme_bytes[cheapest])
+    have = [int(budget_bytes)] if global_budget else budget_bytes.tolist()
+    per = need * (len(layout.layers) if global_budget else 1)
+    if min(have) >= per:
+        return
+    factor = max(need / layout.layer_source_bytes(layer) for layer in layout.layers)
+    raise RQError(f"the source stores its experts in {layout.source_quant} and rq writes no {layout.source_quant} "
+                  f"slots: even {names[cheapest]} needs {factor:.2f}x the stored expert bytes",
+                  hint=f"use --budget {math.ceil(factor * 100) / 100:.2f} or more")

@@ -18,7 +18,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .. import __version__, defaults
@@ -128,6 +127,8 @@ def routing_map_from_plan(plan, layout: ExpertLayout, activation: str) -> Routin
 
 def _stream(ckpt: SafetensorsCheckpoint, family, layout: ExpertLayout, rmap: RoutingMap, tmp: Path,
             shard_bytes: int, progress: bool) -> None:
+    """Stored tensors in shard order: non-expert ones copied as stored (a quantized source's weights and
+    scales byte for byte), routed experts read as logical tensors (dequantized) into their layer."""
     expected: dict[int, set[str]] = {layer: set() for layer in layout.layers}
     for key in ckpt.tensors:
         ek = family.parse_expert_key(key)
@@ -135,26 +136,23 @@ def _stream(ckpt: SafetensorsCheckpoint, family, layout: ExpertLayout, rmap: Rou
             expected[ek.layer].add(key)
     assemblers = {layer: LayerAssembler(layer, keys, family, layout.num_experts) for layer, keys in expected.items()}
     writer = ShardWriter(tmp, shard_bytes)
-    bar = tqdm(total=len(ckpt.tensors), desc="rewriting", unit="tensor", disable=not progress, leave=False)
-    for shard, keys in ckpt.keys_by_shard().items():
-        try:
-            with safe_open(str(shard), framework="pt") as f:
-                for key in keys:
-                    tensor = f.get_tensor(key)
-                    bar.update(1)
-                    ek = family.parse_expert_key(key)
-                    if ek is None:
-                        writer.add(family.runtime_key(key), tensor)
-                        continue
-                    asm = assemblers[ek.layer]
-                    asm.add(key, ek, tensor)
-                    if asm.done:
-                        _write_layer(writer, family, layout, rmap.layer(ek.layer), asm, rmap.activation)
-                        del assemblers[ek.layer]
-        except RQError:
-            raise
-        except Exception as e:  # safetensors errors on a damaged shard
-            raise RQError(f"{shard}: cannot read tensors ({type(e).__name__}: {e})") from None
+    bar = tqdm(total=len(ckpt.stored), desc="rewriting", unit="tensor", disable=not progress, leave=False)
+    with ckpt.reader() as rd:
+        for shard, keys in ckpt.keys_by_shard().items():
+            for key in keys:
+                bar.update(1)
+                lkey = ckpt.logical_key(key)
+                ek = None if lkey is None else family.parse_expert_key(lkey)
+                if ek is None:
+                    writer.add(family.runtime_key(key), rd.stored(key))
+                    continue
+                if key != ckpt.tensors[lkey].stored.primary:
+                    continue  # a scale: read together with its weight
+                asm = assemblers[ek.layer]
+                asm.add(lkey, ek, rd.logical(lkey))
+                if asm.done:
+                    _write_layer(writer, family, layout, rmap.layer(ek.layer), asm, rmap.activation)
+                    del assemblers[ek.layer]
     bar.close()
     if assemblers:
         raise RQError(f"layers {sorted(assemblers)}: expert tensors incomplete on disk")
@@ -195,6 +193,11 @@ def _write_metadata(src: Path, tmp: Path, config_dict: dict, rmap: RoutingMap, p
         "plan": plan_summary(plan),
     }
     new = dict(config_dict)
+    # the experts are rq slots now; what stays quantized (an FP8 source's non-expert weights, copied
+    # as stored) is described here and dequantized by rq's loader, not by transformers' quantizers
+    qc = new.pop("quantization_config", None)
+    if qc is not None:
+        rq_section["source_quantization"] = qc
     new["model_type"] = "rq"
     new["architectures"] = ["RQForCausalLM"]
     new["auto_map"] = {"AutoConfig": "modeling_rq.RQConfig", "AutoModelForCausalLM": "modeling_rq.RQForCausalLM"}

@@ -85,7 +85,7 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
         inter = canon["gate_up"].shape[1] // 2
         block.experts = RQExperts(rmap.layer(layer), H, inter, rmap.activation, has_bias="down_bias" in canon,
                                   bias_dtype=compute_dtype)
-    _load_weights(model, path, compute_dtype)
+    _load_weights(model, path, compute_dtype, d["rq"].get("source_quantization"))
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval()
@@ -94,7 +94,17 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
     return model
 
 
-def _load_weights(model, path: Path, compute_dtype: torch.dtype) -> None:
+def _load_weights(model, path: Path, compute_dtype: torch.dtype, source_quantization: dict | None = None) -> None:
+    """Every stored tensor into ``model`` (shapes checked, nothing missing or unexpected).
+
+    A rewrite of an FP8 checkpoint keeps the source's non-expert float8 weights and their
+    ``weight_scale_inv`` as stored; they are dequantized here to the compute dtype (weight and scale
+    may sit in different shards).
+    """
+    from ..quant.sources import read_source_quant
+
+    quant = read_source_quant({"quantization_config": source_quantization}) if source_quantization else None
+    pending: dict[str, dict[str, torch.Tensor]] = {}
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -111,6 +121,10 @@ def _load_weights(model, path: Path, compute_dtype: torch.dtype) -> None:
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():
                     t = f.get_tensor(key)
+                    if quant is not None and quant.method == "fp8":
+                        key, t = _fp8_pair(key, t, pending, quant, compute_dtype)
+                        if t is None:
+                            continue
                     ref = expected.get(key)
                     if ref is None:
                         raise RQError(f"{shard.name}: unexpected tensor {key!r} (not part of the model)")
@@ -126,12 +140,30 @@ def _load_weights(model, path: Path, compute_dtype: torch.dtype) -> None:
             raise RQError(f"{shard}: corrupt or truncated safetensors ({type(e).__name__})") from None
         model.load_state_dict(chunk, strict=False, assign=True)
         loaded.update(chunk)
+    if pending:
+        raise RQError(f"{path}: float8 weights or scales without their pair: {sorted(pending)[:3]}")
     missing = set(expected) - loaded
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
         missing -= {k for k in missing if k.startswith("lm_head.")}
     if missing:
         raise RQError(f"{path}: tensors missing from the checkpoint: {sorted(missing)[:3]}")
+
+
+def _fp8_pair(key: str, t: torch.Tensor, pending: dict, quant, dtype: torch.dtype):
+    """``(key, tensor)`` to load, or ``(key, None)`` while an FP8 weight waits for its scale (or back)."""
+    from ..quant.sources import FP8_DTYPE, fp8_dequantize
+
+    is_scale = key.endswith(".weight_scale_inv")
+    if not is_scale and t.dtype != FP8_DTYPE:
+        return key, t
+    base = key[: -len("_scale_inv")] if is_scale else key
+    part = pending.setdefault(base, {})
+    part["scale_inv" if is_scale else "q"] = t
+    if len(part) < 2:
+        return key, None
+    del pending[base]
+    return base, fp8_dequantize(part["q"], part["scale_inv"], quant.block, dtype)
 
 
 class RQConfig(PretrainedConfig):

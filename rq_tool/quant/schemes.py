@@ -128,6 +128,14 @@ def get_scheme(name: str) -> Scheme:
         raise RQError(f"unknown quantization scheme {name!r}; known: {', '.join(SCHEMES)}") from None
 
 
+def dtype_for_scheme(name: str) -> torch.dtype:
+    """The torch dtype a float scheme stores (``bf16`` -> ``torch.bfloat16``)."""
+    for dtype, scheme in _DTYPE_TO_SCHEME.items():
+        if scheme == name:
+            return dtype
+    raise RQError(f"scheme {name!r} is not a float scheme")
+
+
 def scheme_for_dtype(dtype: torch.dtype) -> str:
     """Name of the float scheme that stores ``dtype`` unchanged."""
     try:

@@ -3,10 +3,12 @@
 Order of work (nothing is written before every check passed):
 1. open the source (config, family, safetensors headers), check the profile belongs to it;
 2. plan (pure, ``rq_tool.plan``); ``dry_run`` stops here;
-3. stream shard by shard into a temporary directory beside ``out``: non-expert tensors are copied
-   unchanged (renamed to the runtime module's key names), each MoE layer's experts are assembled,
-   turned into physical slots (replicas + per-slot schemes) and written as soon as the layer is
-   complete -- peak memory is about one layer's experts plus one output shard;
+3. stream shard by shard into a temporary directory beside ``out`` (``stream.py``): every output
+   tensor is planned from the headers first; non-expert tensors are copied as stored (renamed to
+   the runtime module's key names), each MoE layer's slots (replicas + per-slot schemes) are written
+   as soon as the layer is complete, kept slots straight from the source, quantized ones by a thread
+   pool; a writer thread writes and hashes while the next layer is read -- peak memory is about one
+   layer's quantized slots plus the bytes queued for the writer;
 4. write config.json (+ ``rq`` section, ``auto_map``), routing_map.json, the profile, the runtime
    code, tokenizer files and a sha256 manifest; rename into place.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,15 +27,14 @@ from .. import __version__, defaults
 from ..arch import get_family
 from ..calibrate.profile import Profile, config_fingerprint
 from ..errors import RQError
-from ..kernels import SlotWeights
 from ..modelio import load_config, read_config_dict, resolve_model_path
 from ..quant import QUANT_SCHEMES
 from ..runtime.routing_map import LayerMap, RoutingMap
-from .assemble import LayerAssembler
 from .layout import ExpertLayout, read_layout
 from .planning import build_plan
 from .shards import (ShardWriter, clean_stale_temporaries, publish, temp_dir_for, write_json, write_manifest)
 from .source import INDEX_FILE, SafetensorsCheckpoint
+from .stream import output_entries, plan_steps, write_steps
 
 # files copied verbatim from the source directory (tokenizer, generation config, chat template)
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".md")
@@ -63,6 +65,7 @@ def rewrite(
     dry_run: bool = False,
     progress: bool = True,
     shard_bytes: int = defaults.SHARD_BYTES,
+    workers: int = defaults.REWRITE_WORKERS,
 ) -> RewriteResult:
     """Plan and (unless ``dry_run``) write the rewritten model to ``out``."""
     src = resolve_model_path(model)
@@ -93,9 +96,9 @@ def rewrite(
 
     tmp = temp_dir_for(out)
     try:
-        _stream(ckpt, family, layout, rmap, tmp, shard_bytes, progress)
+        hashes = _stream(ckpt, family, layout, rmap, tmp, shard_bytes, progress, workers)
         _write_metadata(src, tmp, config_dict, rmap, profile, plan, config)
-        write_manifest(tmp)
+        write_manifest(tmp, known=hashes)
         publish(tmp, out, force)
     except OSError as e:  # disk full, permissions, ...: one line, nothing left behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,54 +129,16 @@ def routing_map_from_plan(plan, layout: ExpertLayout, activation: str) -> Routin
 
 
 def _stream(ckpt: SafetensorsCheckpoint, family, layout: ExpertLayout, rmap: RoutingMap, tmp: Path,
-            shard_bytes: int, progress: bool) -> None:
-    """Stored tensors in shard order: non-expert ones copied as stored (a quantized source's weights and
-    scales byte for byte), routed experts read as logical tensors (dequantized) into their layer."""
-    expected: dict[int, set[str]] = {layer: set() for layer in layout.layers}
-    for key in ckpt.tensors:
-        ek = family.parse_expert_key(key)
-        if ek is not None:
-            expected[ek.layer].add(key)
-    assemblers = {layer: LayerAssembler(layer, keys, family, layout.num_experts) for layer, keys in expected.items()}
-    writer = ShardWriter(tmp, shard_bytes)
+            shard_bytes: int, progress: bool, workers: int) -> dict[str, str]:
+    """Write every tensor into ``tmp`` (see ``stream.py``); returns the shards' sha256 by file name."""
+    steps, expected = plan_steps(ckpt, family, layout)
+    entries = output_entries(steps, expected, ckpt, family, layout, rmap)
     bar = tqdm(total=len(ckpt.stored), desc="rewriting", unit="tensor", disable=not progress, leave=False)
-    with ckpt.reader() as rd:
-        for shard, keys in ckpt.keys_by_shard().items():
-            for key in keys:
-                bar.update(1)
-                lkey = ckpt.logical_key(key)
-                ek = None if lkey is None else family.parse_expert_key(lkey)
-                if ek is None:
-                    writer.add(family.runtime_key(key), rd.stored(key))
-                    continue
-                if key != ckpt.tensors[lkey].stored.primary:
-                    continue  # a scale: read together with its weight
-                asm = assemblers[ek.layer]
-                asm.add(lkey, ek, rd.logical(lkey))
-                if asm.done:
-                    _write_layer(writer, family, layout, rmap.layer(ek.layer), asm, rmap.activation)
-                    del assemblers[ek.layer]
+    with ThreadPoolExecutor(max(1, workers)) as pool, ShardWriter(tmp, entries, shard_bytes, pool=pool) as writer:
+        write_steps(steps, expected, ckpt, family, layout, rmap, writer, bar)
+        writer.finish()
     bar.close()
-    if assemblers:
-        raise RQError(f"layers {sorted(assemblers)}: expert tensors incomplete on disk")
-    writer.finish()
-
-
-def _write_layer(writer: ShardWriter, family, layout: ExpertLayout, lmap: LayerMap, asm: LayerAssembler, act: str):
-    canon = asm.canonical()
-    idx = lmap.phy2log
-    bias_up = canon.get("gate_up_bias")
-    bias_down = canon.get("down_bias")
-    slots = SlotWeights.from_dense(canon["gate_up"][idx], canon["down"][idx], list(lmap.slot_scheme), act,
-                                   None if bias_up is None else bias_up[idx].contiguous(),
-                                   None if bias_down is None else bias_down[idx].contiguous())
-    prefix = family.runtime_key(layout.block_prefix[lmap.layer] + ".experts.")
-    for scheme, group in zip(slots.schemes, slots.groups):
-        for name, t in group.items():
-            writer.add(f"{prefix}{scheme}_{name}", t)
-    if slots.gate_up_bias is not None:
-        writer.add(prefix + "gate_up_bias", slots.gate_up_bias)
-        writer.add(prefix + "down_bias", slots.down_bias)
+    return writer.sha256
 
 
 def _write_metadata(src: Path, tmp: Path, config_dict: dict, rmap: RoutingMap, profile: Profile, plan, config):

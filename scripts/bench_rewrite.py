@@ -208,11 +208,12 @@ def run_child(mode: str, src: Path, profile: Path, out: Path, shard_bytes: int, 
     small child of this large parent ru_maxrss alone would report this process's size.
     """
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads)}
-    if mode.endswith("@baseline"):
-        mode = mode.split("@")[0]
+    cwd = None
+    if mode.endswith("@baseline"):  # the baseline tree first on sys.path ('' = the child's cwd comes first)
+        mode, cwd = mode.split("@")[0], baseline
         env["PYTHONPATH"] = os.pathsep.join(p for p in (baseline, env.get("PYTHONPATH")) if p)
     p = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(profile), str(out), str(shard_bytes)],
-                         stdout=subprocess.PIPE, text=True, env=env, cwd=baseline or None)
+                         stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
     stdout = p.stdout.read()
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)

@@ -181,3 +181,22 @@ def test_quantized_source_greedy_rewrite_loads_and_generates(quantized, model_ty
     out = pipeline("text-generation", model=model, tokenizer=tok)("alpha beta", max_new_tokens=4,
                                                                    do_sample=False)[0]["generated_text"]
     assert out.startswith("alpha beta") and len(out) > len("alpha beta")
+
+
+def test_nf4_quantize_is_bitsandbytes_bit_for_bit():
+    """rq's torch NF4 quantizer (comparisons instead of bucketize, for speed) = bitsandbytes' own."""
+    import bitsandbytes.functional as bnbf
+
+    from rq_tool.quant import get_scheme, nf4_code
+
+    code = nf4_code()
+    g = torch.Generator().manual_seed(3)
+    for scale in (1e-6, 1.0, 300.0):
+        w = torch.randn(128, 256, generator=g) * scale
+        w[0, :64] = 0  # an all-zero block
+        w[1, :15] = (code[:-1] + code[1:]) / 2 * w[1, :64].abs().max()  # values near the level midpoints
+        for dtype in (torch.float32, torch.bfloat16):
+            x = w.to(dtype)
+            packed, state = bnbf.quantize_4bit(x.float(), blocksize=64, quant_type="nf4")
+            st = get_scheme("nf4").quantize(x)
+            assert torch.equal(st["q"], packed.reshape(-1)) and torch.equal(st["absmax"], state.absmax.float())

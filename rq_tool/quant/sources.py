@@ -22,6 +22,7 @@ compressed-tensors, ...) are refused with one clear error.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -177,6 +178,18 @@ def fp8_scale_shape(shape: tuple[int, ...], block: tuple[int, int] | None) -> tu
     return (*lead, -(-R // block[0]), -(-C // block[1]))
 
 
+@functools.lru_cache(maxsize=1)
+def _fp8_table() -> torch.Tensor:
+    """The 256 float8_e4m3fn values ``[256]`` fp32, by bit pattern."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8_DTYPE).to(torch.float32)
+
+
+def _fp8_to_float(q: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn -> fp32, exactly (a 256-entry table: ~9x faster than ``.to`` on CPU)."""
+    idx = q.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
+    return _fp8_table().index_select(0, idx).view(q.shape)
+
+
 def _scale_float(scale: torch.Tensor) -> torch.Tensor:
     if scale.dtype == torch.uint8:  # E8M0 exponents (scale_fmt "ue8m0" stored as bytes)
         return (scale.to(torch.float32) - 127.0).exp2()
@@ -190,7 +203,7 @@ def fp8_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     Computed in fp32 (``q * scale``), then rounded once to ``dtype``, as transformers does. Edge
     blocks may be partial (DeepSeek-V3's 576-row ``kv_a_proj_with_mqa`` has 5 row blocks).
     """
-    w = q.to(torch.float32)
+    w = _fp8_to_float(q)
     s = _scale_float(scale_inv)
     if block is None or s.numel() == 1:
         return (w * s.reshape(())).to(dtype)
@@ -236,9 +249,9 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     scaled by ``2 ** (scale - 127)`` (E8M0). Every FP4 value times a power of two is exact in bf16.
     """
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
-    b = blocks.to(torch.uint8)
-    vals = torch.stack([lut[(b & 0x0F).long()], lut[(b >> 4).long()]], dim=-1)  # [..., R, G, 16, 2]
-    vals = vals.flatten(-3)  # [..., R, G * 32]
+    b = blocks.to(torch.uint8).reshape(-1)
+    lo, hi = (lut.index_select(0, (b & 0x0F).to(torch.int32)), lut.index_select(0, (b >> 4).to(torch.int32)))
+    vals = torch.stack([lo, hi], dim=-1).view(*blocks.shape[:-2], -1)  # [..., R, G * 32]
     scale = (scales.to(torch.float32) - 127.0).exp2()  # [..., R, G]
     return (vals.unflatten(-1, (-1, MXFP4_BLOCK)) * scale[..., None]).flatten(-2).to(dtype)
 

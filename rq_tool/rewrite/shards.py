@@ -20,15 +20,10 @@ import torch
 
 from .. import __version__, defaults
 from ..errors import RQError
+from .source import INDEX_FILE, ST_TO_TORCH
 
-INDEX_FILE = "model.safetensors.index.json"
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-              torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
-if hasattr(torch, "float8_e8m0fnu"):  # E8M0 block scales (MXFP8 / ue8m0 FP8 releases)
-    _ST_DTYPES[torch.float8_e8m0fnu] = "F8_E8M0"
+_ST_DTYPES = {dtype: name for name, dtype in ST_TO_TORCH.items()}  # torch dtype -> safetensors name
 _METADATA = '"__metadata__":{"format":"pt"}'
 
 
@@ -46,7 +41,7 @@ class Entry:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def plan_shards(entries: list[Entry], max_bytes: int) -> list[list[tuple[Entry, int]]]:

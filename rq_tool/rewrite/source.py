@@ -22,8 +22,13 @@ from ..quant.sources import SourceQuant, StoredTensor, read_source_quant
 INDEX_FILE = "model.safetensors.index.json"
 
 
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8}
+# safetensors dtype name -> torch dtype (every dtype rq reads or writes)
+ST_TO_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+               "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+if hasattr(torch, "float8_e8m0fnu"):  # E8M0 block scales (MXFP8 / ue8m0 FP8 releases)
+    ST_TO_TORCH["F8_E8M0"] = torch.float8_e8m0fnu
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,7 @@ def _nbytes(shape, dtype: str) -> int:
     n = 1
     for d in shape:
         n *= int(d)
-    return n * _ST_ITEMSIZE.get(dtype, 1)
+    return n * (ST_TO_TORCH[dtype].itemsize if dtype in ST_TO_TORCH else 1)
 
 
 class CheckpointReader:

@@ -30,14 +30,8 @@ from ..runtime.routing_map import LayerMap, RoutingMap
 from .assemble import LayerAssembler, resolve
 from .layout import ExpertLayout
 from .shards import Entry, ShardWriter
-from .source import SafetensorsCheckpoint
+from .source import ST_TO_TORCH, SafetensorsCheckpoint
 
-_ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-             "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
-if hasattr(torch, "float8_e8m0fnu"):
-    _ST_TORCH["F8_E8M0"] = torch.float8_e8m0fnu
 # stored tensors of a quantized slot group: (data dtype, name of the per-row/-block scale, its dtype)
 _QUANT_STORED = {"int8": (torch.int8, "scale", torch.float32), "nf4": (torch.uint8, "absmax", torch.float32)}
 
@@ -92,7 +86,7 @@ def _groups(lmap: LayerMap) -> list[tuple[str, list[int]]]:
 def _bias_dtype(ckpt: SafetensorsCheckpoint, family, keys: set[str]) -> torch.dtype | None:
     for key in sorted(keys):
         if family.parse_expert_key(key).role.endswith("_bias"):
-            return _ST_TORCH[ckpt.tensors[key].dtype]
+            return ST_TO_TORCH[ckpt.tensors[key].dtype]
     return None
 
 
@@ -120,9 +114,9 @@ def output_entries(steps: list[Step], expected, ckpt: SafetensorsCheckpoint, fam
     for step in steps:
         if step.kind == "copy":
             info = ckpt.stored[step.key]
-            if info.dtype not in _ST_TORCH:
+            if info.dtype not in ST_TO_TORCH:
                 raise RQError(f"{info.shard.name}: tensor {step.key!r} has dtype {info.dtype}, which rq cannot copy")
-            out.append(Entry(family.runtime_key(step.key), _ST_TORCH[info.dtype], tuple(info.shape)))
+            out.append(Entry(family.runtime_key(step.key), ST_TO_TORCH[info.dtype], tuple(info.shape)))
         elif step.kind == "layer":
             out += layer_entries(_slot_prefix(family, layout, step.layer), rmap.layer(step.layer), layout,
                                  _bias_dtype(ckpt, family, expected[step.layer]))

@@ -141,7 +141,7 @@ def save_tiny_quantized(model_type: str, path: Path, method: str, block=(32, 32)
     for i in range(shards):
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         part = {k: out[k] for k in keys[i * per:(i + 1) * per]}
-        # put a scale in the next shard from its weight at least once (real releases do this)
+        # keys are split in order, so a weight and its scales can land in different shards
         save_file(part, str(path / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, name))
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

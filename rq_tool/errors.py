@@ -39,3 +39,19 @@ def check_format(d, fmt: tuple[str, int], what: str, where: str, readable: tuple
     if type(v) is not int or (v != version and v not in readable):
         raise RQError(f"{where}: {what} version {v!r} is not supported (expected {version})")
     return v
+
+
+def dataclass_fields_of(cls, d: dict, what: str) -> dict:
+    """The fields of versioned frozen-dataclass ``cls`` from its JSON dict ``d`` (its ``version``
+    checked against ``cls.VERSION``, unknown keys refused, one line naming ``what``)."""
+    from dataclasses import fields
+
+    d = dict(d)
+    version = d.pop("version", cls.VERSION)
+    if version != cls.VERSION:
+        raise RQError(f"{what} version {version} is not supported (expected {cls.VERSION})")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise RQError(f"unknown {what.split()[0]} option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return d

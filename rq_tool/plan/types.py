@@ -11,13 +11,13 @@ Both dataclasses round-trip through JSON (``to_dict`` / ``from_dict``); the Plan
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
 
 from .. import defaults
-from ..errors import RQError, check_format
+from ..errors import RQError, check_format, dataclass_fields_of
 from .predict import check_layer
 
 PLAN_FORMAT = ("rq-plan", 2)  # v2: optional device placement (num_devices, per-layer slot_device)
@@ -69,15 +69,7 @@ class PlanOptions:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PlanOptions":
-        d = dict(d)
-        version = d.pop("version", cls.VERSION)
-        if version != cls.VERSION:
-            raise RQError(f"plan options version {version} is not supported (expected {cls.VERSION})")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise RQError(f"unknown plan option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**d)
+        return cls(**dataclass_fields_of(cls, d, "plan options"))
 
 
 @dataclass(frozen=True, eq=False)

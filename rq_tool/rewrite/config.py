@@ -10,11 +10,11 @@ from it by ``plan_options``. Light on purpose (no torch): the CLI imports it to 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from .. import defaults
-from ..errors import RQError
+from ..errors import RQError, dataclass_fields_of
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,4 @@ class RewriteConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RewriteConfig":
-        d = dict(d)
-        version = d.pop("version", cls.VERSION)
-        if version != cls.VERSION:
-            raise RQError(f"rewrite config version {version} is not supported (expected {cls.VERSION})")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise RQError(f"unknown rewrite option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**d)
+        return cls(**dataclass_fields_of(cls, d, "rewrite config"))

@@ -51,6 +51,9 @@ TAG_FIELDS = ("domain", "source")  # JSONL fields naming a document's domain (ke
 BUDGET = 1.0  # x the original expert bytes of each MoE layer
 STRATEGY = "greedy"
 SHARD_BYTES = 2 * 1024**3  # max bytes per output safetensors shard
+# output bytes queued for the writer/hash threads at most (flat memory: the rewrite blocks, not grows)
+WRITE_INFLIGHT_BYTES = 512 * 1024**2
+REWRITE_WORKERS = 2  # threads that dequantize / quantize experts (torch ops release the GIL)
 MAX_REPLICAS_PER_EXPERT = 8  # the original counts as one
 MAX_SLOTS_FACTOR = 3.0  # P <= 3 E physical slots per layer
 MIN_GAIN = 0.005  # a replica must lower predicted LIS by >= 0.5% of its value

@@ -8,6 +8,7 @@ from pathlib import Path
 from . import defaults
 from .arch import MoEFamily, get_family
 from .errors import RQError, read_json
+from .quant.sources import read_source_quant
 
 
 def resolve_model_path(spec: str | Path | None) -> Path:
@@ -47,6 +48,7 @@ def load_config(path: Path):
     d = read_config_dict(path)
     if d["model_type"] != "rq":
         get_family(d)  # one clear error for dense / unsupported models, before transformers sees it
+        read_source_quant(d)  # ... and for quantized checkpoints rq cannot read
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:
@@ -71,6 +73,15 @@ def load_model(path: Path, dtype="auto", max_memory: str | None = None, offload_
     from transformers import AutoModelForCausalLM
 
     config, family = open_family(path)
+    quant = read_source_quant(read_config_dict(path))
+    if quant.method is not None:
+        if max_memory is not None:
+            raise RQError(f"{path}: --max-memory (disk offload) is not supported for {quant.method} checkpoints yet; "
+                          "calibrate with the weights in RAM")
+        model = _load_dequantized(path, config, quant)
+        if not family.moe_blocks(model):
+            raise RQError(f"{path}: model_type {config.model_type!r} has no MoE layers in this configuration")
+        return model, family
     kwargs = {}
     if max_memory is not None:
         try:
@@ -92,6 +103,41 @@ def load_model(path: Path, dtype="auto", max_memory: str | None = None, offload_
     if not family.moe_blocks(model):
         raise RQError(f"{path}: model_type {config.model_type!r} has no MoE layers in this configuration")
     return model, family
+
+
+def _load_dequantized(path: Path, config, quant):
+    """A quantized (FP8 / MXFP4) checkpoint as a plain CausalLM: rq dequantizes every weight with its
+    scales (``rq_tool.quant.sources``) and hands transformers an unquantized state dict.
+
+    Not transformers' own ``dequantize`` path: on CPU it derives the FP8 block size from the scale grid,
+    which is wrong for partial edge blocks (e.g. DeepSeek-V3's 576-row ``kv_a_proj_with_mqa``).
+    Tensors stored unquantized stay memory-mapped; dequantized ones take the config's dtype.
+    """
+    import copy
+
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from .rewrite.source import SourceCheckpoint
+
+    ckpt = SourceCheckpoint(path, quant)
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with ckpt.reader() as rd:
+        state = {key: rd.logical(key) for key in ckpt.tensors}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # the family's class, not the Auto one (which needs a path); transformers still applies its
+            # conversion mapping (per-expert on-disk keys -> fused experts) to the state dict
+            cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+            model = cls.from_pretrained(None, config=config, state_dict=state, dtype=quant.out_dtype)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise RQError(f"{path}: cannot load the dequantized {quant.method} weights ({type(e).__name__}: {msg[:200]})"
+                      ) from None
+    del state
+    return model.eval()
 
 
 def load_tokenizer(path: Path):

@@ -7,6 +7,13 @@ profile with the matching config hash (skewed loads), then runs, each in a fresh
   copy            shutil.copyfile of every source shard (the I/O floor, measured in the same run)
   replicate-only  rq_tool.rewrite(..., strategy="replicate-only")  (copies + replicas, no quantization)
   greedy          rq_tool.rewrite(..., strategy="greedy")          (replicas paid for by int8/nf4)
+  MODE@baseline   the same with another rq source tree first on PYTHONPATH (``--baseline DIR``, e.g.
+                  ``git archive main | tar -x -C /tmp/rq-main``): before / after, side by side
+
+``--source fp8`` stores the decoder Linear weights as block-FP8 (float8_e4m3fn + weight_scale_inv per
+128x128 block, ``quant_method: "fp8"``, as DeepSeek-V3 / Qwen3-FP8 ship); the budget then counts the
+FP8 bytes, rq dequantizes the experts it keeps (bf16 slots) and copies the rest as stored. With
+``--repeat N`` every job runs N times, interleaved; the table shows medians and the min-max spread.
 
 Throughput = source bytes / seconds of the work itself up to durable bytes (os.sync() included, the
 child's imports not); ratio = rewrite throughput / copy throughput. Peak RSS = the child's own
@@ -18,6 +25,7 @@ output tensors are streamed to disk as they are made (rq_tool/rewrite/shards.py 
 
     python scripts/bench_rewrite.py                       # ~1 GB and ~3 GB
     python scripts/bench_rewrite.py --layers 4,14 --json
+    python scripts/bench_rewrite.py --layers 14 --source bf16,fp8 --repeat 3 --baseline /tmp/rq-main
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -86,7 +95,26 @@ def qwen3_moe_config(args, layers: int):
                           tie_word_embeddings=False, dtype="bfloat16")
 
 
-def checkpoint_tensors(config, gen: torch.Generator):
+def _fp8_eligible(key: str) -> bool:
+    """The tensors an FP8 release stores in float8: decoder Linear weights (attention, experts), not
+    embeddings, head, norms or routers."""
+    return ".layers." in key and key.endswith("proj.weight")
+
+
+def checkpoint_tensors(config, gen: torch.Generator, source: str = "bf16"):
+    """``(key, tensor)`` in on-disk order; ``source="fp8"``: eligible weights as float8 + block scales."""
+    from rq_tool.quant.sources import fp8_quantize
+
+    for key, t in _bf16_tensors(config, gen):
+        if source == "fp8" and _fp8_eligible(key):
+            q, scale_inv = fp8_quantize(t, (128, 128))
+            yield key, q
+            yield key + "_scale_inv", scale_inv
+        else:
+            yield key, t
+
+
+def _bf16_tensors(config, gen: torch.Generator):
     """``(key, tensor)`` in on-disk order: embeddings, then layer by layer, then final norm and head."""
     H, I, E = config.hidden_size, config.moe_intermediate_size, config.num_experts
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
@@ -115,10 +143,15 @@ def checkpoint_tensors(config, gen: torch.Generator):
     yield "lm_head.weight", w(config.vocab_size, H)
 
 
-def build_checkpoint(path: Path, config, shard_bytes: int, seed: int = 0) -> int:
+def build_checkpoint(path: Path, config, shard_bytes: int, seed: int = 0, source: str = "bf16") -> int:
     """Write config.json, ``model-0000i-of-0000n.safetensors`` shards and the index; returns weight bytes."""
     path.mkdir(parents=True)
     config.to_json_file(path / "config.json")
+    if source == "fp8":
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128]}
+        (path / "config.json").write_text(json.dumps(cfg, indent=1))
     gen = torch.Generator().manual_seed(seed)
     parts, buf, buf_bytes, total = [], {}, 0, 0
 
@@ -129,7 +162,7 @@ def build_checkpoint(path: Path, config, shard_bytes: int, seed: int = 0) -> int
         parts.append((part, list(buf)))
         buf, buf_bytes = {}, 0
 
-    for key, t in checkpoint_tensors(config, gen):
+    for key, t in checkpoint_tensors(config, gen, source):
         n = t.numel() * t.element_size()
         if buf and buf_bytes + n > shard_bytes:
             flush()
@@ -165,7 +198,8 @@ def synthetic_profile(path: Path, src: Path, config, seed: int = 0) -> None:
 
 
 # ----------------------------------------------------------------------------------- measuring
-def run_child(mode: str, src: Path, profile: Path, out: Path, shard_bytes: int, threads: int) -> dict:
+def run_child(mode: str, src: Path, profile: Path, out: Path, shard_bytes: int, threads: int,
+              baseline: str | None = None) -> dict:
     """Run one job in a fresh interpreter; ``{seconds, peak_rss_mb}``.
 
     Peak RSS is the child's VmHWM (high-water mark of its own address space since exec), checked
@@ -174,8 +208,12 @@ def run_child(mode: str, src: Path, profile: Path, out: Path, shard_bytes: int, 
     small child of this large parent ru_maxrss alone would report this process's size.
     """
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads)}
+    cwd = None
+    if mode.endswith("@baseline"):  # the baseline tree first on sys.path ('' = the child's cwd comes first)
+        mode, cwd = mode.split("@")[0], baseline
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (baseline, env.get("PYTHONPATH")) if p)
     p = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(profile), str(out), str(shard_bytes)],
-                         stdout=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
     stdout = p.stdout.read()
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
@@ -193,42 +231,55 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
-def bench_size(args, layers: int, root: Path) -> list[dict]:
+def bench_size(args, layers: int, root: Path, source: str) -> list[dict]:
     config = qwen3_moe_config(args, layers)
     src, profile = root / "src", root / "profile.json"
     t0 = time.perf_counter()
-    weight_bytes = build_checkpoint(src, config, args.source_shard_mb * MB)
+    weight_bytes = build_checkpoint(src, config, args.source_shard_mb * MB, source=source)
     synthetic_profile(profile, src, config)
     build_s = time.perf_counter() - t0
     n_shards = len(list(src.glob("*.safetensors")))
+    modes = ["import", "copy", *args.strategies]
+    if args.baseline and source == "bf16":  # the baseline may not read FP8 sources
+        modes += [f"{m}@baseline" for m in args.strategies]
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for _ in range(args.repeat):
+        for mode in modes:
+            out = root / f"out-{mode}"
+            os.sync()  # start each run with no dirty pages of the previous one to write back
+            res = run_child(mode, src, profile, out, args.out_shard_mb * MB, args.threads, args.baseline)
+            if mode != "import":
+                res["gb_per_s"] = weight_bytes / 1e9 / res["seconds"]
+                res["out_gb"] = dir_bytes(out) / 1e9
+            runs[mode].append(res)
+            shutil.rmtree(out, ignore_errors=True)
     rows = []
-    for mode in ["import", "copy", *args.strategies]:
-        out = root / f"out-{mode}"
-        os.sync()  # start each run with no dirty pages of the previous one to write back
-        res = run_child(mode, src, profile, out, args.out_shard_mb * MB, args.threads)
-        row = {"layers": layers, "source_gb": weight_bytes / 1e9, "source_shards": n_shards, "mode": mode,
-               "build_s": build_s, **res}
-        if mode != "import":
-            row["gb_per_s"] = weight_bytes / 1e9 / res["seconds"]
-            row["out_gb"] = dir_bytes(out) / 1e9
+    for mode, rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        row = {"layers": layers, "source": source, "source_gb": weight_bytes / 1e9, "source_shards": n_shards,
+               "mode": mode, "build_s": build_s, "runs": rs, **med}
         rows.append(row)
-        shutil.rmtree(out, ignore_errors=True)
     copy = next(r for r in rows if r["mode"] == "copy")
     for r in rows:
         if "gb_per_s" in r:
-            r["ratio_vs_copy"] = r["gb_per_s"] / copy["gb_per_s"]
+            # ratio per repetition against the copy of the same repetition, then median and spread
+            ratios = [x["gb_per_s"] / c["gb_per_s"] for x, c in zip(r["runs"], copy["runs"])]
+            r["ratio_vs_copy"] = statistics.median(ratios)
+            r["ratio_min"], r["ratio_max"] = min(ratios), max(ratios)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'layers':>6} {'source':>9} {'mode':<15} {'seconds':>8} {'GB/s':>6} {'vs copy':>8} {'out':>8} "
-            f"{'peak RSS':>9} {'anon':>6} {'file':>6}")
+    head = (f"{'layers':>6} {'source':>13} {'mode':<24} {'seconds':>8} {'GB/s':>6} {'vs copy':>8} {'(min-max)':>11} "
+            f"{'out':>8} {'peak RSS':>9} {'anon':>6} {'file':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = f"{r['ratio_vs_copy']:>7.2f}x" if "ratio_vs_copy" in r else f"{'':>8}"
+        spread = f"{r['ratio_min']:>5.2f}-{r['ratio_max']:.2f}" if "ratio_min" in r else f"{'':>11}"
         speed = f"{r['gb_per_s']:>6.2f}" if "gb_per_s" in r else f"{'':>6}"
         out = f"{r['out_gb']:>6.2f}GB" if "out_gb" in r else f"{'':>8}"
-        lines.append(f"{r['layers']:>6} {r['source_gb']:>7.2f}GB {r['mode']:<15} {r['seconds']:>8.2f} {speed} {ratio} "
+        src = f"{r['source_gb']:.2f}GB {r['source']}"
+        lines.append(f"{r['layers']:>6} {src:>13} {r['mode']:<24} {r['seconds']:>8.2f} {speed} {ratio} {spread:>11} "
                      f"{out} {r['peak_rss_mb']:>6.0f} MB {r['peak_anon_mb']:>6.0f} {r['peak_file_mb']:>6.0f}")
     return "\n".join(lines)
 
@@ -247,6 +298,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of each child (OMP_NUM_THREADS). 1 by default: on small shared VMs, "
                          "parallel first-touch page faults make multi-threaded copies up to 10x slower")
+    ap.add_argument("--source", default="bf16", help="source formats, comma-separated: bf16, fp8 (block-FP8)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of every job (interleaved); medians are shown")
+    ap.add_argument("--baseline", default=None,
+                    help="another rq source tree (e.g. main) to run the strategies with too, as MODE@baseline")
     ap.add_argument("--workdir", default=tempfile.gettempdir(), help="where the temporary checkpoints go")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = ap.parse_args()
@@ -255,18 +310,21 @@ def main() -> None:
     args.strategies = [s for s in args.strategies.split(",") if s]
     if args.out_shard_mb is None:
         args.out_shard_mb = defaults.SHARD_BYTES // MB
+    if args.baseline:
+        args.baseline = str(Path(args.baseline).resolve())
     rows = []
-    for layers in (int(x) for x in args.layers.split(",")):
-        root = Path(tempfile.mkdtemp(prefix="rq-bench-rewrite-", dir=args.workdir))
-        try:
-            rows += bench_size(args, layers, root)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-        if not args.json:
-            print(f"layers={layers} done", file=sys.stderr)
+    for source in args.source.split(","):
+        for layers in (int(x) for x in args.layers.split(",")):
+            root = Path(tempfile.mkdtemp(prefix="rq-bench-rewrite-", dir=args.workdir))
+            try:
+                rows += bench_size(args, layers, root, source)
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+            if not args.json:
+                print(f"source={source} layers={layers} done", file=sys.stderr)
     if args.json:
         print(json.dumps({"out_shard_mb": args.out_shard_mb, "threads": args.threads, "cpus": os.cpu_count(),
-                          "rows": rows}))
+                          "repeat": args.repeat, "rows": rows}))
     else:
         print(table(rows))
         print(f"output shards: {args.out_shard_mb} MB; {args.threads} thread(s), {os.cpu_count()} CPUs; "

@@ -315,22 +315,26 @@ def test_failed_publish_puts_the_old_output_back(tiny, tmp_path):
 
 
 def test_streamed_shards_round_trip(tmp_path):
-    """ShardWriter writes each tensor as it comes (padded header): safetensors reads every dtype back,
-    data stays aligned (a misaligned start opens a new shard), shards respect ``max_bytes``."""
+    """ShardWriter writes planned tensors front to back (header first, from its threads): safetensors
+    reads every dtype back, data stays aligned (a misaligned start opens a new shard), shards respect
+    ``max_bytes``, chunks form a tensor, and the sha256 it computed while writing is the file's."""
     import torch
     from safetensors import safe_open
 
-    from rq_tool.rewrite.shards import ShardWriter
+    from rq_tool.rewrite.shards import Entry, ShardWriter, sha256_file
 
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
                "c": torch.arange(5, dtype=torch.uint8), "d": torch.randn(2, 2, generator=g), "e": torch.tensor(3.0),
                "f": torch.zeros(0, 4), "g": torch.randn(300, generator=g), "h": torch.arange(6).view(2, 3).t(),
                "i": torch.tensor([True, False]), "j": torch.randint(-128, 127, (64,), dtype=torch.int8, generator=g)}
-    w = ShardWriter(tmp_path, max_bytes=1024)
-    for k, t in tensors.items():
-        w.add(k, t)
-    weight_map = w.finish()
+    tensors["k"] = torch.randn(4, 6, generator=g).to(torch.float8_e4m3fn)
+    entries = [Entry(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    with ShardWriter(tmp_path, entries, max_bytes=1024, inflight_bytes=256) as w:
+        for k, t in tensors.items():
+            w.add(k, [t[:1], lambda t=t: t[1:]] if t.dim() and len(t) > 1 else t)  # chunks, one of them lazy
+        weight_map = w.finish()
+    assert w.sha256 == {name: sha256_file(tmp_path / name) for name in set(weight_map.values())}
     assert set(weight_map) == set(tensors) and len(set(weight_map.values())) > 1
     for name in set(weight_map.values()):
         with safe_open(str(tmp_path / name), "pt") as f:
@@ -339,6 +343,27 @@ def test_streamed_shards_round_trip(tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == dict(sorted(weight_map.items()))
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_shard_writer_hands_a_thread_error_to_the_caller(tmp_path):
+    import torch
+
+    from rq_tool.rewrite.shards import Entry, ShardWriter
+
+    def boom():
+        raise RuntimeError("worker failed")
+
+    entries = [Entry(f"t{i}", torch.float32, (256,)) for i in range(8)]
+    with pytest.raises(RuntimeError, match="worker failed"):
+        with ShardWriter(tmp_path, entries, inflight_bytes=1024) as w:
+            w.add("t0", torch.zeros(256))
+            w.add("t1", boom)
+            for i in range(2, 8):
+                w.add(f"t{i}", torch.zeros(256))
+            w.finish()
+    with pytest.raises(AssertionError, match="planned"):
+        with ShardWriter(tmp_path / "x", entries[:1]) as w:
+            w.add("other", torch.zeros(256))
 
 
 # ------------------------------------------------------------------------------ determinism

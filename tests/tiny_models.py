@@ -139,3 +139,56 @@ def write_texts(path: Path, n: int = 64, seed: int = 0) -> Path:
         for _ in range(n):
             f.write(json.dumps({"text": " ".join(rnd.choice(words) for _ in range(rnd.randint(20, 60)))}) + "\n")
     return path
+
+
+def _fp8_eligible(key: str, t: torch.Tensor) -> bool:
+    """Which tensors an FP8 release stores in float8: the Linear weights of the decoder layers
+    (attention, dense MLPs, shared and routed experts), not embeddings, head, norms or routers."""
+    return (t.dim() == 2 and key.endswith(".weight") and ".layers." in key and "norm" not in key
+            and not key.endswith((".mlp.gate.weight", ".router.weight")))
+
+
+def save_tiny_quantized(model_type: str, path: Path, method: str, block=(32, 32), shards: int = 2, **kw) -> Path:
+    """A tiny checkpoint stored as an FP8 (``method="fp8"``, block-quantized) or MXFP4 (gpt-oss) release.
+
+    Built from ``save_tiny`` (fp32): FP8 replaces every eligible Linear weight by float8 + per-block
+    ``weight_scale_inv``; MXFP4 replaces gpt-oss's fused expert tensors by ``*_blocks`` / ``*_scales``.
+    The tensors are spread over ``shards`` files so that a weight and its scales can be split apart.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from rq_tool.quant.sources import fp8_quantize, mxfp4_quantize
+
+    save_tiny(model_type, path, **kw)
+    sd = load_file(str(path / "model.safetensors"))
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        if method == "fp8" and _fp8_eligible(key, t):
+            q, s = fp8_quantize(t, tuple(block))
+            out[key], out[key + "_scale_inv"] = q, s
+        elif method == "mxfp4" and key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            blocks, scales = mxfp4_quantize(t.transpose(1, 2))
+            out[key + "_blocks"], out[key + "_scales"] = blocks, scales
+        else:
+            out[key] = t
+    (path / "model.safetensors").unlink()
+    keys = list(out)
+    per = -(-len(keys) // shards)
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: out[k] for k in keys[i * per:(i + 1) * per]}
+        # keys are split in order, so a weight and its scales can land in different shards
+        save_file(part, str(path / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = json.loads((path / "config.json").read_text())
+    if method == "fp8":
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": list(block)}
+    else:
+        cfg["quantization_config"] = {"quant_method": "mxfp4",
+                                      "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                                 "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    return path

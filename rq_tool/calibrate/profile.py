@@ -40,10 +40,12 @@ from ..errors import RQError, check_format, read_json
 from ..lis import lis
 
 _FORMAT, _VERSION = defaults.PROFILE_FORMAT
-# keys of a config that do not change the model's math or identity
+# keys of a config that do not change the model's math or identity. ``quantization_config`` describes
+# how the weights are stored, and transformers rewrites (or drops) it when it loads a quantized
+# checkpoint, so the model calibrated and the checkpoint rewritten would otherwise hash apart.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "rq", "auto_map", "architectures", "dtype",
                          "torch_dtype", "output_router_logits", "use_cache", "_experts_implementation",
-                         "experts_implementation", "_attn_implementation_autoset")
+                         "experts_implementation", "_attn_implementation_autoset", "quantization_config")
 
 
 def config_fingerprint(config) -> str:

@@ -59,13 +59,13 @@ class Scored:
 
 def header_expert_bytes(path) -> dict[int, int]:
     """``{layer: bytes}`` of every routed-expert tensor in a model directory's safetensors headers."""
-    from ..rewrite.source import SafetensorsCheckpoint
+    from ..checkpoint import SafetensorsCheckpoint
 
     out: dict[int, int] = {}
     for key, info in SafetensorsCheckpoint(Path(path)).tensors.items():
         m = _EXPERT_TENSOR.search(key)
         if m:
-            n = info.nbytes
+            n = info.nbytes  # stored tensors: a quantized source's weights and scales both count
             out[int(m.group(1))] = out.get(int(m.group(1)), 0) + n
     if not out:
         raise RQError(f"{path}: no routed-expert tensors in the safetensors headers")
@@ -76,9 +76,9 @@ def _layout(original_path):
     from ..arch import get_family
     from ..modelio import load_config
     from ..rewrite.layout import read_layout
-    from ..rewrite.source import SafetensorsCheckpoint
+    from ..rewrite.source import SourceCheckpoint
 
-    return read_layout(SafetensorsCheckpoint(Path(original_path)), get_family(load_config(Path(original_path))))
+    return read_layout(SourceCheckpoint(Path(original_path)), get_family(load_config(Path(original_path))))
 
 
 def _open_original(path):

@@ -79,7 +79,7 @@ def layer_scheme_bytes(source: ExportSource, model, schemes) -> tuple[torch.Tens
     from ..arch import get_family
     from ..modelio import load_config, read_config_dict, resolve_model_path
     from ..rewrite.layout import read_layout
-    from ..rewrite.source import SafetensorsCheckpoint
+    from ..rewrite.source import SourceCheckpoint
 
     spec = model if model is not None else source.profile.model.get("path")
     if spec is None or not Path(str(spec)).expanduser().is_dir():
@@ -90,7 +90,7 @@ def layer_scheme_bytes(source: ExportSource, model, schemes) -> tuple[torch.Tens
         raise RQError(f"{src} is an rq-rewritten model; --model must be the original checkpoint")
     config = load_config(src)
     source.profile.check_matches(config, where=str(source.path))
-    layout = read_layout(SafetensorsCheckpoint(src), get_family(config))
+    layout = read_layout(SourceCheckpoint(src), get_family(config))
     if list(layout.layers) != list(source.layers):
         raise RQError(f"{src} has MoE layers {list(layout.layers)}, the profile {list(source.layers)}")
     names = [layout.source_scheme, *[s for s in schemes if s != layout.source_scheme]]

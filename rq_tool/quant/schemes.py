@@ -76,12 +76,27 @@ def _int8_dequantize(st, shape, dtype):
 
 
 def _nf4_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """bitsandbytes' NF4 quantization (its ``quantize_4bit`` default kernel), bit for bit, in torch.
+
+    Same absmax per 64-block, same clamp, same nearest level (the count of level midpoints below the
+    value, which is what its ``torch.bucketize`` computes); 15 comparisons instead of bucketize,
+    which is ~3x slower on CPU, and nf4 quantization dominates the CPU cost of a greedy rewrite.
+    """
     if w.numel() % NF4_BLOCKSIZE:
         raise RQError(f"nf4 needs a weight size divisible by {NF4_BLOCKSIZE}, got shape {tuple(w.shape)}")
-    packed, state = _bnb_functional().quantize_4bit(
-        w.detach().float().contiguous(), blocksize=NF4_BLOCKSIZE, quant_type="nf4"
-    )
-    return {"q": packed.reshape(-1).contiguous(), "absmax": state.absmax.float().contiguous()}
+    blocks = w.detach().reshape(-1, NF4_BLOCKSIZE).float()
+    absmax = blocks.abs().amax(dim=-1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)[:, None]), -1, 1).reshape(-1)
+    q = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
+    for bound in _nf4_midpoints(str(w.device)):
+        q += scaled > bound
+    return {"q": ((q[::2] << 4) | q[1::2]).contiguous(), "absmax": absmax.contiguous()}
+
+
+@functools.lru_cache(maxsize=8)
+def _nf4_midpoints(device: str = "cpu") -> tuple[float, ...]:
+    code = nf4_code(device)
+    return tuple(((code[:-1] + code[1:]) / 2).tolist())
 
 
 # The 16 NF4 levels (QLoRA's NormalFloat4: quantiles of N(0, 1), create_normal_map(offset=0.9677083)),

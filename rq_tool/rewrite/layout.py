@@ -11,7 +11,7 @@ from ..arch import MoEFamily
 from ..checkpoint import DTYPES, FLOAT_DTYPES
 from ..errors import RQError
 from ..quant import get_scheme, scheme_for_dtype
-from .source import SafetensorsCheckpoint
+from .source import SourceCheckpoint
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,18 @@ class ExpertLayout:
     num_experts: int
     hidden_size: int
     intermediate_size: int
-    source_scheme: str  # fp32 | bf16 | fp16
+    source_scheme: str  # fp32 | bf16 | fp16: the slot scheme that keeps an expert as read (dequantized)
     has_bias: bool
     block_prefix: dict[int, str]  # layer -> on-disk block prefix, e.g. "model.layers.3.mlp"
+    stored_bytes: dict[int, int] | None = None  # layer -> bytes of its routed experts as stored on disk
+    source_quant: str = "none"  # none | fp8 | mxfp4: how the source stores its tensors
+
+    def layer_source_bytes(self, layer: int) -> int:
+        """The original expert memory of a layer (the budget's 1.0x): the bytes as stored, which for a
+        quantized source (FP8 / MXFP4 weights + scales) is less than its experts kept as ``source_scheme``."""
+        if self.stored_bytes is None:
+            return self.num_experts * self.expert_bytes(self.source_scheme)
+        return self.stored_bytes[layer]
 
     def expert_bytes(self, scheme: str) -> int:
         """Stored bytes of one expert (both matrices, + biases kept in the source dtype)."""
@@ -34,18 +43,20 @@ class ExpertLayout:
         return s.nbytes(2 * I, H) + s.nbytes(H, I) + bias
 
 
-def read_layout(ckpt: SafetensorsCheckpoint, family: MoEFamily) -> ExpertLayout:
+def read_layout(ckpt: SourceCheckpoint, family: MoEFamily) -> ExpertLayout:
     per_layer: dict[int, dict] = defaultdict(lambda: {"experts": set(), "roles": set(), "fused_E": None})
     prefixes: dict[int, str] = {}
     dims: dict[str, tuple[int, ...]] = {}
     dtypes: set[str] = set()
+    stored_bytes: dict[int, int] = defaultdict(int)
     for key, info in ckpt.tensors.items():
         ek = family.parse_expert_key(key)
         if ek is None:
             continue
-        if ek.quantized_part:
-            raise RQError(f"{ckpt.path}: {key} is a quantized expert tensor ({ek.tensor}); rq reads F32/BF16/F16 "
-                          "expert weights only")
+        if ek.quantized_part:  # a side tensor no declared source quantization paired with its weight
+            raise RQError(f"{ckpt.path}: {key} is a quantized expert tensor ({ek.tensor}) but config.json declares "
+                          "no quantization_config rq reads (fp8, mxfp4); rq reads F32/BF16/F16 expert weights")
+        stored_bytes[ek.layer] += info.stored_bytes
         rec = per_layer[ek.layer]
         prefixes[ek.layer] = ek.block_prefix
         rec["roles"].add(ek.role)
@@ -81,8 +92,9 @@ def read_layout(ckpt: SafetensorsCheckpoint, family: MoEFamily) -> ExpertLayout:
         raise RQError(f"{ckpt.path}: cannot find gate/up expert tensors")
     has_bias = any(r.startswith(("gate_up_bias", "down_bias", "gate_bias", "up_bias")) for p in per_layer.values()
                    for r in p["roles"])
-    return ExpertLayout(tuple(sorted(per_layer)), E, int(H), int(two_i) // 2, scheme_for_dtype(DTYPES[next(iter(dtypes))][0]), has_bias,
-                        prefixes)
+    return ExpertLayout(tuple(sorted(per_layer)), E, int(H), int(two_i) // 2,
+                        scheme_for_dtype(DTYPES[next(iter(dtypes))][0]), has_bias, prefixes, dict(stored_bytes),
+                        ckpt.quant.name)
 
 
 def _meta(shape):

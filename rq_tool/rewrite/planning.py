@@ -7,6 +7,8 @@ The planner is pure (``rq_tool.plan``); this module only builds its tensors:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import defaults
@@ -58,13 +60,16 @@ def plan_inputs(profile: Profile, layout: ExpertLayout, schemes, importance: str
 def build_plan(profile: Profile, layout: ExpertLayout, config: RewriteConfig, **option_overrides):
     """The plan of ``config`` for this profile and layout (``option_overrides``: other ``PlanOptions`` fields)."""
     from ..plan import make_plan, resolve_budget
-
+    from ..plan.strategies import STRATEGIES
     from ..validate import check_budget_spec
 
     check_budget_spec(config.budget)  # bounded before the exact parser (a huge exponent would hang it)
     load, error, names, scheme_bytes = plan_inputs(profile, layout, config.schemes, config.importance)
-    layer_bytes = torch.full((load.shape[0],), layout.num_experts * int(scheme_bytes[0]), dtype=torch.int64)
+    # the budget's 1.0x: each layer's experts as stored (a quantized source: its weights + scales)
+    layer_bytes = torch.tensor([layout.layer_source_bytes(layer) for layer in layout.layers], dtype=torch.int64)
     budget_bytes = resolve_budget(config.budget, layer_bytes, config.global_budget)
+    if config.ep_size is not None or getattr(STRATEGIES.get(config.strategy), "enforces_budget", False):
+        _check_quantized_source_budget(layout, budget_bytes, scheme_bytes, names, config.global_budget)
     if config.ep_size is not None:
         return _build_ep_plan(profile, layout, load, error, names, scheme_bytes, budget_bytes, config.global_budget,
                               config.ep_size, config.ep_devices, config.importance, config.max_error)
@@ -93,3 +98,20 @@ def _build_ep_plan(profile, layout, load, error, names, scheme_bytes, budget_byt
     return plan_ep(seq, error, names, scheme_bytes, budget_bytes, int(ep_size),
                    max_error=defaults.MAX_ERROR if max_error is None else max_error, groups=profile.seq_domain,
                    group_names=profile.domains, layer_ids=list(layout.layers), error_weight=importance)
+
+
+def _check_quantized_source_budget(layout: ExpertLayout, budget_bytes, scheme_bytes, names, global_budget) -> None:
+    """A quantized source (FP8 / MXFP4) is measured as stored, but rq writes bf16 / int8 / nf4 slots:
+    a budget too small for its experts in the cheapest of those gets the factor that would fit."""
+    if layout.source_quant == "none":
+        return
+    cheapest = int(torch.argmin(scheme_bytes))
+    need = layout.num_experts * int(scheme_bytes[cheapest])
+    have = [int(budget_bytes)] if global_budget else budget_bytes.tolist()
+    per = need * (len(layout.layers) if global_budget else 1)
+    if min(have) >= per:
+        return
+    factor = max(need / layout.layer_source_bytes(layer) for layer in layout.layers)
+    raise RQError(f"the source stores its experts in {layout.source_quant} and rq writes no {layout.source_quant} "
+                  f"slots: even {names[cheapest]} needs {factor:.2f}x the stored expert bytes",
+                  hint=f"use --budget {math.ceil(factor * 100) / 100:.2f} or more")

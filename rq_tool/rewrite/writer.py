@@ -3,10 +3,12 @@
 Order of work (nothing is written before every check passed):
 1. open the source (config, family, safetensors headers), check the profile belongs to it;
 2. plan (pure, ``rq_tool.plan``); ``dry_run`` stops here;
-3. stream shard by shard into a temporary directory beside ``out``: non-expert tensors are copied
-   unchanged (renamed to the runtime module's key names), each MoE layer's experts are assembled,
-   turned into physical slots (replicas + per-slot schemes) and written as soon as the layer is
-   complete -- peak memory is about one layer's experts plus one output shard;
+3. stream shard by shard into a temporary directory beside ``out`` (``stream.py``): every output
+   tensor is planned from the headers first; non-expert tensors are copied as stored (renamed to
+   the runtime module's key names), each MoE layer's slots (replicas + per-slot schemes) are written
+   as soon as the layer is complete, kept slots straight from the source, quantized ones by a thread
+   pool; a writer thread writes and hashes while the next layer is read -- peak memory is about one
+   layer's quantized slots plus the bytes queued for the writer;
 4. write config.json (+ ``rq`` section, ``auto_map``), routing_map.json, the profile, the runtime
    code, tokenizer files and a sha256 manifest; rename into place.
 """
@@ -16,26 +18,26 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .. import __version__, defaults
 from ..arch import get_family
 from ..calibrate.profile import Profile, config_fingerprint
+from ..checkpoint import SafetensorsCheckpoint
 from ..errors import RQError
-from ..kernels import SlotWeights
 from ..modelio import load_config, read_config_dict, resolve_model_path
+from ..outputs import check_output, marked_dir_kind, staged
 from ..runtime.routing_map import LayerMap, RoutingMap
-from .assemble import LayerAssembler
 from .config import RewriteConfig
 from .layout import ExpertLayout, read_layout
 from .planning import build_plan
-from ..outputs import check_output, marked_dir_kind, staged
 from .shards import ShardWriter, write_json, write_manifest
-from .source import SafetensorsCheckpoint
+from .source import SourceCheckpoint
+from .stream import output_entries, plan_steps, write_steps
 
 # files copied verbatim from the source directory (tokenizer, generation config, chat template)
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".md")
@@ -61,6 +63,7 @@ def rewrite(
     dry_run: bool = False,
     progress: bool = True,
     shard_bytes: int = defaults.SHARD_BYTES,
+    workers: int = defaults.REWRITE_WORKERS,
     **options,
 ) -> RewriteResult:
     """Plan with ``config`` and (unless ``dry_run``) write the rewritten model to ``out``.
@@ -90,7 +93,7 @@ def rewrite(
         # the output policy (rq_tool.outputs) before any work; stale temporaries are tidied first, so
         # a backup left by a killed --force rewrite is back in place before the checks
         check_output(out, MODEL_DIR, inputs, force, notify=lambda note: tqdm.write(f"rq: {note}", file=sys.stderr))
-    ckpt = SafetensorsCheckpoint(src)
+    ckpt = SourceCheckpoint(src)
     layout = read_layout(ckpt, family)
     plan = build_plan(profile, layout, config)
     rmap = routing_map_from_plan(plan, layout, family.activation(hf_config))
@@ -99,9 +102,9 @@ def rewrite(
 
     try:
         with staged(out, MODEL_DIR, inputs, force) as tmp:  # removed on any exception, SIGTERM included
-            _stream(ckpt, family, layout, rmap, tmp, shard_bytes, progress)
+            hashes = _stream(ckpt, family, layout, rmap, tmp, shard_bytes, progress, workers)
             _write_metadata(src, tmp, config_dict, rmap, profile, plan, hf_config)
-            write_manifest(tmp)
+            write_manifest(tmp, known=hashes)
     except OSError as e:  # disk full, permissions, ...: one line naming the output, nothing left behind
         where = f": {e.filename}" if e.filename else ""
         raise RQError(f"writing {out} failed ({e.strerror or e}{where}); nothing was published") from None
@@ -129,66 +132,19 @@ def routing_map_from_plan(plan, layout: ExpertLayout, activation: str) -> Routin
     return rmap
 
 
-def _stream(ckpt: SafetensorsCheckpoint, family, layout: ExpertLayout, rmap: RoutingMap, tmp: Path,
-            shard_bytes: int, progress: bool) -> None:
-    expected: dict[int, set[str]] = {layer: set() for layer in layout.layers}
-    for key in ckpt.tensors:
-        ek = family.parse_expert_key(key)
-        if ek is not None:
-            expected[ek.layer].add(key)
-    assemblers = {layer: LayerAssembler(layer, keys, family, layout.num_experts) for layer, keys in expected.items()}
-    writer = ShardWriter(tmp, shard_bytes)
-    bar = tqdm(total=len(ckpt.tensors), desc="rewriting", unit="tensor", disable=not progress, leave=False)
-    try:
-        for key, tensor in _read_tensors(ckpt):  # errors writing the output propagate as they are (OSError)
-            bar.update(1)
-            ek = family.parse_expert_key(key)
-            if ek is None:
-                writer.add(family.runtime_key(key), tensor)
-                continue
-            asm = assemblers[ek.layer]
-            asm.add(key, ek, tensor)
-            if asm.done:
-                _write_layer(writer, family, layout, rmap.layer(ek.layer), asm, rmap.activation)
-                del assemblers[ek.layer]
+def _stream(ckpt: SourceCheckpoint, family, layout: ExpertLayout, rmap: RoutingMap, tmp: Path,
+            shard_bytes: int, progress: bool, workers: int) -> dict[str, str]:
+    """Write every tensor into ``tmp`` (see ``stream.py``); returns the shards' sha256 by file name."""
+    steps, expected = plan_steps(ckpt, family, layout)
+    entries = output_entries(steps, expected, ckpt, family, layout, rmap)
+    bar = tqdm(total=len(ckpt.stored), desc="rewriting", unit="tensor", disable=not progress, leave=False)
+    try:  # errors writing the output propagate as they are (OSError)
+        with ThreadPoolExecutor(max(1, workers)) as pool, ShardWriter(tmp, entries, shard_bytes, pool=pool) as writer:
+            write_steps(steps, expected, ckpt, family, layout, rmap, writer, bar)
+            writer.finish()
     finally:
         bar.close()  # also on errors: the error line must not follow a half-drawn progress bar
-    if assemblers:
-        raise RQError(f"layers {sorted(assemblers)}: expert tensors incomplete on disk")
-    writer.finish()
-
-
-def _read_tensors(ckpt: SafetensorsCheckpoint):
-    """``(key, tensor)`` of every source tensor, shard by shard; a read error names the source shard."""
-    for shard, keys in ckpt.keys_by_shard().items():
-        try:
-            f = safe_open(str(shard), framework="pt")
-        except Exception as e:  # safetensors errors on a damaged shard
-            raise RQError(f"{shard}: cannot read tensors ({type(e).__name__}: {e})") from None
-        with f:
-            for key in keys:
-                try:
-                    tensor = f.get_tensor(key)
-                except Exception as e:
-                    raise RQError(f"{shard}: cannot read tensors ({type(e).__name__}: {e})") from None
-                yield key, tensor
-
-
-def _write_layer(writer: ShardWriter, family, layout: ExpertLayout, lmap: LayerMap, asm: LayerAssembler, act: str):
-    canon = asm.canonical()
-    idx = lmap.phy2log
-    bias_up = canon.get("gate_up_bias")
-    bias_down = canon.get("down_bias")
-    slots = SlotWeights.from_dense(canon["gate_up"][idx], canon["down"][idx], list(lmap.slot_scheme), act,
-                                   None if bias_up is None else bias_up[idx].contiguous(),
-                                   None if bias_down is None else bias_down[idx].contiguous())
-    prefix = family.runtime_key(layout.block_prefix[lmap.layer] + ".experts.")
-    for scheme, group in zip(slots.schemes, slots.groups):
-        for name, t in group.items():
-            writer.add(f"{prefix}{scheme}_{name}", t)
-    if slots.gate_up_bias is not None:
-        writer.add(prefix + "gate_up_bias", slots.gate_up_bias)
-        writer.add(prefix + "down_bias", slots.down_bias)
+    return writer.sha256
 
 
 def _write_metadata(src: Path, tmp: Path, config_dict: dict, rmap: RoutingMap, profile: Profile, plan, config):
@@ -211,6 +167,11 @@ def _write_metadata(src: Path, tmp: Path, config_dict: dict, rmap: RoutingMap, p
         "tensors_sha256": header_fingerprint(SafetensorsCheckpoint(tmp)),
     }
     new = dict(config_dict)
+    # the experts are rq slots now; what stays quantized (an FP8 source's non-expert weights, copied
+    # as stored) is described here and dequantized by rq's loader, not by transformers' quantizers
+    qc = new.pop("quantization_config", None)
+    if qc is not None:
+        rq_section["source_quantization"] = qc
     new["model_type"] = "rq"
     new["architectures"] = ["RQForCausalLM"]
     new["auto_map"] = {"AutoConfig": "modeling_rq.RQConfig", "AutoModelForCausalLM": "modeling_rq.RQForCausalLM"}

@@ -78,7 +78,7 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
         block.experts = RQExperts(rmap.layer(layer), H, inter, rmap.activation, has_bias="down_bias" in canon,
                                   bias_dtype=compute_dtype, split_policy=rmap.split_policy,
                                   num_devices=rmap.num_devices, slots=None if ep is None else ep.slots(rmap.layer(layer)))
-    _load_weights(model, path, compute_dtype, ckpt.shards, _checkpoint_rows(model))
+    _load_weights(model, path, compute_dtype, ckpt.shards, _checkpoint_rows(model), md.rq.get("source_quantization"))
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval()
@@ -110,9 +110,18 @@ def _read_rows(f, key: str, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _load_weights(model, path: Path, compute_dtype: torch.dtype, shards: list[Path],
-                  rows: dict[str, torch.Tensor] | None = None) -> None:
+                  rows: dict[str, torch.Tensor] | None = None, source_quantization: dict | None = None) -> None:
     """Load ``shards`` (checked to lie inside ``path`` by ``rq_tool.checkpoint.shard_files``); ``rows``:
-    the checkpoint rows of experts that hold a subset of slots (``_checkpoint_rows``)."""
+    the checkpoint rows of experts that hold a subset of slots (``_checkpoint_rows``).
+
+    A rewrite of an FP8 checkpoint keeps the source's non-expert float8 weights and their
+    ``weight_scale_inv`` as stored (``source_quantization``: the source's quantization_config);
+    they are dequantized here to the compute dtype (weight and scale may sit in different shards).
+    """
+    from ..quant.sources import read_source_quant
+
+    quant = read_source_quant({"quantization_config": source_quantization}) if source_quantization else None
+    pending: dict[str, dict[str, torch.Tensor]] = {}
     expected = model.state_dict()
     loaded: set[str] = set()
     for shard in shards:
@@ -123,6 +132,10 @@ def _load_weights(model, path: Path, compute_dtype: torch.dtype, shards: list[Pa
                     if rows and key in rows and key not in expected and rows[key].numel() == 0:
                         continue  # a slot group held by other expert-parallel ranks only
                     t = f.get_tensor(key) if not rows or key not in rows else _read_rows(f, key, rows[key])
+                    if quant is not None and quant.method == "fp8":
+                        key, t = _fp8_pair(key, t, pending, quant, compute_dtype)
+                        if t is None:
+                            continue
                     ref = expected.get(key)
                     if ref is None:
                         raise RQError(f"{shard.name}: unexpected tensor {key!r} (not part of the model)")
@@ -138,12 +151,30 @@ def _load_weights(model, path: Path, compute_dtype: torch.dtype, shards: list[Pa
             raise RQError(f"{shard}: corrupt or truncated safetensors ({type(e).__name__})") from None
         model.load_state_dict(chunk, strict=False, assign=True)
         loaded.update(chunk)
+    if pending:
+        raise RQError(f"{path}: float8 weights or scales without their pair: {sorted(pending)[:3]}")
     missing = set(expected) - loaded
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
         missing -= {k for k in missing if k.startswith("lm_head.")}
     if missing:
         raise RQError(f"{path}: tensors missing from the checkpoint: {sorted(missing)[:3]}")
+
+
+def _fp8_pair(key: str, t: torch.Tensor, pending: dict, quant, dtype: torch.dtype):
+    """``(key, tensor)`` to load, or ``(key, None)`` while an FP8 weight waits for its scale (or back)."""
+    from ..quant.sources import FP8_DTYPE, fp8_dequantize
+
+    is_scale = key.endswith(".weight_scale_inv")
+    if not is_scale and t.dtype != FP8_DTYPE:
+        return key, t
+    base = key[: -len("_scale_inv")] if is_scale else key
+    part = pending.setdefault(base, {})
+    part["scale_inv" if is_scale else "q"] = t
+    if len(part) < 2:
+        return key, None
+    del pending[base]
+    return base, fp8_dequantize(part["q"], part["scale_inv"], quant.block, dtype)
 
 
 class RQConfig(PretrainedConfig):

@@ -112,7 +112,12 @@ def main(ctx, debug):
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default="profile.json", show_default=True,
               help="Where to write the profile.")
 @click.option("--dataset", "-d", default=defaults.DEFAULT_DATASET, show_default=True,
-              help="Bundled set name, local .jsonl/.txt/.parquet file, or a datasets name.")
+              help="Bundled set name, local .jsonl/.txt/.parquet file, a datasets save_to_disk folder or a folder "
+                   "of parquet files, or a datasets name.")
+@click.option("--dataset-config", default=None, help="Config of a datasets name (or subfolder of a parquet folder).")
+@click.option("--split", default=None, help="Split of a dataset folder or datasets name (default: train).")
+@click.option("--text-field", default=None, help="Column / JSON field holding the text (default: the first of "
+              "text, content, code, document, body).")
 @click.option("--num-samples", default=defaults.NUM_SAMPLES, show_default=True, type=BoundedInt(1, 1 << 24),
               help="Packed sequences to run.")
 @click.option("--seq-len", default=defaults.SEQ_LEN, show_default=True, type=BoundedInt(1, 1 << 20),
@@ -130,8 +135,8 @@ def main(ctx, debug):
               "larger than memory; needs accelerate).")
 @click.option("--force", is_flag=True, help="Replace an existing profile written by rq (never any other file).")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON instead of a table.")
-def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schemes, no_quant_error, max_memory,
-              force, as_json):
+def calibrate(model, out, dataset, dataset_config, split, text_field, num_samples, seq_len, batch_size, seed, schemes,
+              no_quant_error, max_memory, force, as_json):
     """Profile expert load and importance of MODEL (default: the bundled tiny MoE)."""
     from .calibrate import calibrate as run
     from .modelio import resolve_model_path
@@ -140,7 +145,8 @@ def calibrate(model, out, dataset, num_samples, seq_len, batch_size, seed, schem
     inputs = [resolve_model_path(model), *([dataset] if Path(dataset).exists() else [])]
     check_output(out, PROFILE_KIND, inputs, force)  # before the (long) calibration
     profile = run(model, dataset, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                  schemes=schemes, quant_error=not no_quant_error, progress=not as_json, max_memory=max_memory)
+                  schemes=schemes, quant_error=not no_quant_error, progress=not as_json, max_memory=max_memory,
+                  dataset_config=dataset_config, split=split, text_field=text_field)
     profile.save(out, PROFILE_KIND, inputs, force)
     if as_json:
         click.echo(json.dumps(profile.to_dict()))

@@ -1,4 +1,4 @@
-"""Calibration data: bundled sets, local JSONL / text / parquet files, or a `datasets` name.
+"""Calibration data: bundled sets, local JSONL / text / parquet files, dataset folders, or a `datasets` name.
 
 Texts are tokenized, joined with the EOS token and packed into ``[N, seq_len]`` sequences with
 no padding, so every token position is a real token routed through every MoE layer.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class CalibrationData:
     num_texts: int
     seq_domain: torch.Tensor | None = None  # [N] int64 majority domain (by tokens) of each sequence
     domains: tuple[str, ...] | None = None  # names seq_domain indexes
+    texts_used: int | None = None  # the first this many texts of shuffled_order(num_texts, seed) gave the tokens
 
     @property
     def num_tokens(self) -> int:
@@ -44,7 +46,7 @@ def _bundled_names() -> str:
     return ", ".join(bundled_sets()) or "none installed"
 
 
-def _texts_from_jsonl(path: Path) -> list[str]:
+def _texts_from_jsonl(path: Path, text_field: str | None = None) -> list[str]:
     texts = []
     with path.open("rb") as f:  # decoded line by line, so an encoding error names its line
         for n, raw in enumerate(f, 1):
@@ -58,21 +60,27 @@ def _texts_from_jsonl(path: Path) -> list[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise RQError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if isinstance(row, str):
+            if isinstance(row, str) and text_field is None:
                 texts.append(row)
                 continue
-            col = next((c for c in TEXT_COLUMNS if isinstance(row, dict) and isinstance(row.get(c), str)), None)
+            if text_field is not None:
+                col = text_field if isinstance(row, dict) and isinstance(row.get(text_field), str) else None
+                if col is None:
+                    raise RQError(f"{path}:{n}: no text field {text_field!r} (--text-field)")
+            else:
+                col = next((c for c in TEXT_COLUMNS if isinstance(row, dict) and isinstance(row.get(c), str)), None)
             if col is None:
-                raise RQError(f"{path}:{n}: no text field (expected one of {', '.join(TEXT_COLUMNS)})")
+                raise RQError(f"{path}:{n}: no text field (expected one of {', '.join(TEXT_COLUMNS)}, or pass "
+                              "--text-field)")
             texts.append(row[col])
     return texts
 
 
-def _texts_from_dataset(ds, where: str) -> list[str]:
-    col = next((c for c in TEXT_COLUMNS if c in ds.column_names), None)
-    if col is None:
-        raise RQError(f"{where}: no text column (columns: {', '.join(ds.column_names)}; expected one of "
-                      f"{', '.join(TEXT_COLUMNS)})")
+def _texts_from_dataset(ds, where: str, text_field: str | None = None) -> list[str]:
+    def is_text(c):
+        return getattr(ds.features.get(c), "dtype", None) in ("string", "large_string")
+
+    col = _pick_column(list(ds.column_names), is_text, where, text_field)
     return [t for t in ds[col] if isinstance(t, str)]
 
 
@@ -119,45 +127,225 @@ def load_tags(spec: str, texts: list[str]) -> list[str] | None:
     return [spec] * len(texts)
 
 
-def load_texts(spec: str) -> tuple[str, list[str]]:
-    """Resolve ``spec`` to ``(name, texts)``.
+# split names a folder of parquet files may use (a folder or a file-name prefix, as on the hub)
+KNOWN_SPLITS = ("train", "validation", "valid", "dev", "test", "eval", "heldout")
+MAX_PARQUET_FILES = 4096
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # --dataset-config / --split
 
-    ``spec`` is a bundled set name (``mix``, ``code``...), a local ``.jsonl``/``.json``,
-    ``.txt``/``.md`` (blank-line separated documents) or ``.parquet`` file, or a Hugging Face
-    ``datasets`` name (``name`` or ``name:config:split``; needs the hub or a local cache).
-    """
+
+def check_options(config: str | None, split: str | None, text_field: str | None) -> None:
+    """``--dataset-config`` / ``--split`` / ``--text-field``: bounded, no path tricks (one line on a bad one)."""
+    for flag, value in (("--dataset-config", config), ("--split", split)):
+        if value is not None and (not _NAME.fullmatch(value) or ".." in value):
+            raise RQError(f"{flag} must be 1-64 letters, digits, '_', '-' or '.' (got {value[:80]!r})")
+    if text_field is not None and not (0 < len(text_field) <= 256 and text_field.isprintable()):
+        raise RQError(f"--text-field must be 1-256 printable characters (got {text_field[:80]!r})")
+
+
+def source_kind(spec: str) -> str:
+    """What ``spec`` names: ``bundled``, ``jsonl``, ``text``, ``parquet`` (a file), ``saved-dataset``
+    (a ``datasets.save_to_disk`` folder), ``parquet-folder``, ``folder`` (neither) or ``hub``."""
     bundled = defaults.calibration_sets_dir() / f"{spec}.jsonl"
     path = Path(spec)
     if "/" not in spec and "." not in spec and bundled.is_file():
-        return spec, _texts_from_jsonl(bundled)
-    if path.suffix in (".jsonl", ".json", ".txt", ".md", ".parquet") or path.exists():
+        return "bundled"
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return "saved-dataset"
+        return "parquet-folder" if next(path.rglob("*.parquet"), None) is not None else "folder"
+    if path.suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if path.suffix == ".parquet":
+        return "parquet"
+    if path.suffix in (".txt", ".md") or path.exists():
+        return "text"
+    return "hub"
+
+
+def source_record(spec: str, config: str | None = None, split: str | None = None,
+                  text_field: str | None = None) -> dict:
+    """Where calibration data came from, for the profile: enough for ``rq eval`` to read it again."""
+    kind = source_kind(spec)
+    local = kind not in ("bundled", "hub")
+    return {"spec": spec, "kind": kind, "path": str(Path(spec).resolve()) if local else None,
+            "config": config, "split": split, "text_field": text_field}
+
+
+def load_texts(spec: str, *, config: str | None = None, split: str | None = None,
+               text_field: str | None = None) -> tuple[str, list[str]]:
+    """Resolve ``spec`` to ``(name, texts)``.
+
+    ``spec`` is a bundled set name (``mix``, ``code``...), a local ``.jsonl``/``.json``,
+    ``.txt``/``.md`` (blank-line separated documents) or ``.parquet`` file, a folder written by
+    ``datasets``' ``save_to_disk`` (a ``Dataset`` or a ``DatasetDict``), a folder of parquet files
+    (split ``--split`` picked by folder or file-name prefix, ``train`` by default; config
+    ``--dataset-config`` = a subfolder), or a Hugging Face ``datasets`` name (``name`` or
+    ``name:config:split``; needs the hub or a local cache). ``text_field``: the column / JSON field
+    holding the text (default: the first of ``TEXT_COLUMNS`` present).
+    """
+    check_options(config, split, text_field)
+    kind = source_kind(spec)
+    path = Path(spec)
+    if kind == "bundled":
+        _no_options(spec, "a bundled set", config, split)
+        return spec, _texts_from_jsonl(defaults.calibration_sets_dir() / f"{spec}.jsonl", text_field)
+    if kind in ("jsonl", "text", "parquet"):
         if not path.is_file():
             raise RQError(f"calibration data {spec!r} not found (no such file; bundled sets: {_bundled_names()})")
-        if path.suffix in (".jsonl", ".json"):
-            return path.name, _texts_from_jsonl(path)
-        if path.suffix == ".parquet":
-            import datasets
-
-            try:
-                ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-            except Exception as e:  # corrupt parquet: name it
-                raise RQError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from None
-            return path.name, _texts_from_dataset(ds, str(path))
+        _no_options(spec, "a file", config, split)
+        if kind == "jsonl":
+            return path.name, _texts_from_jsonl(path, text_field)
+        if kind == "parquet":
+            return path.name, _texts_from_parquet([path], str(path), text_field)
+        if text_field is not None:
+            raise RQError(f"--text-field does not apply to {spec!r} (a plain-text file: one document per blank-line "
+                          "separated block)")
         try:
             raw = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise RQError(f"{path}: not UTF-8 text") from None
         return path.name, [d.strip() for d in raw.split("\n\n") if d.strip()]
+    name = path.name + (f":{split}" if split else "")
+    if kind == "saved-dataset":
+        if config is not None:
+            raise RQError(f"--dataset-config does not apply to {spec!r} (a save_to_disk folder holds one config)")
+        return name, _texts_from_dataset(_load_saved(path, split), spec, text_field)
+    if kind == "parquet-folder":
+        root = path
+        if config is not None:
+            root = path / config
+            if not root.is_dir():
+                subs = sorted(p.name for p in path.iterdir() if p.is_dir())[:20]
+                raise RQError(f"{spec}: no config folder {config!r} (subfolders: {', '.join(subs) or 'none'})")
+        return name, _texts_from_parquet(_parquet_split(root, split), spec, text_field)
+    if kind == "folder":
+        raise RQError(f"{spec}: a folder, but neither a datasets save_to_disk folder (dataset_info.json + state.json "
+                      "or dataset_dict.json) nor a folder of .parquet files")
     import datasets
 
-    name, _, rest = spec.partition(":")
-    config, _, split = rest.partition(":")
+    hub_name, _, rest = spec.partition(":")
+    hub_config, _, hub_split = rest.partition(":")
+    for flag, a, b in (("--dataset-config", config, hub_config), ("--split", split, hub_split)):
+        if a and b and a != b:
+            raise RQError(f"{flag} {a!r} contradicts {spec!r}")
+    config, split = config or hub_config or None, split or hub_split or "train"
     try:
-        ds = datasets.load_dataset(name, config or None, split=split or "train")
+        ds = datasets.load_dataset(hub_name, config, split=split)
     except Exception as e:
         raise RQError(f"cannot load dataset {spec!r} ({type(e).__name__}); bundled sets: {_bundled_names()}, "
-                      "or pass a local .jsonl/.txt/.parquet file") from None
-    return spec, _texts_from_dataset(ds, spec)
+                      "or pass a local .jsonl/.txt/.parquet file or dataset folder") from None
+    return spec if split == "train" or hub_split else f"{spec}:{split}", _texts_from_dataset(ds, spec, text_field)
+
+
+def _no_options(spec: str, what: str, config: str | None, split: str | None) -> None:
+    for flag, value in (("--dataset-config", config), ("--split", split)):
+        if value is not None:
+            raise RQError(f"{flag} does not apply to {spec!r} ({what}; splits and configs are for dataset folders "
+                          "and datasets names)")
+
+
+def _load_saved(path: Path, split: str | None):
+    """A ``save_to_disk`` folder as one ``Dataset`` (a ``DatasetDict``'s ``split``, default ``train``
+    or its only split). Arrow files and JSON only: nothing is unpickled."""
+    import datasets
+
+    single = not (path / "dataset_dict.json").is_file()
+    if not single:
+        from ..errors import read_json
+
+        splits = read_json(path / "dataset_dict.json", f"{path}: no dataset_dict.json")
+        splits = splits.get("splits") if isinstance(splits, dict) else None
+        if not isinstance(splits, list) or not splits or not all(isinstance(s, str) for s in splits):
+            raise RQError(f"{path}/dataset_dict.json: malformed (expected a list of splits)")
+        if split is None:
+            split = "train" if "train" in splits or len(splits) != 1 else splits[0]
+        if split not in splits or not (path / split).is_dir():
+            raise RQError(f"{path}: no split {split!r} (splits: {', '.join(splits[:20])}); pass --split")
+        path = path / split
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # damaged folder: name it
+        raise RQError(f"{path}: cannot read the saved dataset ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(ds, datasets.Dataset):
+        raise RQError(f"{path}: not a saved Dataset ({type(ds).__name__})")
+    if single and split is not None and str(ds.split) != split:
+        has = "no splits" if ds.split is None else f"split {str(ds.split)!r}"
+        raise RQError(f"{path}: one saved dataset with {has}, not {split!r} (drop --split)")
+    return ds
+
+
+def _split_named(rel: Path) -> str | None:
+    """The split a parquet file's relative path names (a folder, or a file-name prefix), if any."""
+    for part in rel.parent.parts:
+        if part in KNOWN_SPLITS:
+            return part
+    m = re.match(r"([A-Za-z]+)(?:[-._0-9]|$)", rel.stem)
+    return m.group(1) if m and m.group(1) in KNOWN_SPLITS else None
+
+
+def _parquet_split(root: Path, split: str | None) -> list[Path]:
+    """The parquet files of ``root`` (recursively, sorted) in ``split``; default ``train``, the only
+    split named, or every file when none names a split."""
+    files = sorted(root.rglob("*.parquet"))
+    if not files:
+        raise RQError(f"{root}: no .parquet files")
+    if len(files) > MAX_PARQUET_FILES:
+        raise RQError(f"{root}: {len(files)} parquet files, more than rq reads ({MAX_PARQUET_FILES})")
+    rels = [f.relative_to(root) for f in files]
+    found = sorted({s for s in map(_split_named, rels) if s})
+    if split is None:
+        if not found:
+            return files
+        if "train" not in found and len(found) > 1:
+            raise RQError(f"{root}: parquet files of splits {', '.join(found)}; pass --split")
+        split = "train" if "train" in found else found[0]
+    chosen = [f for f, r in zip(files, rels)
+              if split in r.parent.parts or re.match(rf"{re.escape(split)}(?:[-._0-9]|$)", r.stem)]
+    if not chosen:
+        raise RQError(f"{root}: no parquet files of split {split!r} (splits named: {', '.join(found) or 'none'})")
+    return chosen
+
+
+def _pick_column(columns: list[str], is_text, where: str, text_field: str | None) -> str:
+    if text_field is not None:
+        if text_field not in columns:
+            raise RQError(f"{where}: no column {text_field!r} (--text-field; columns: {', '.join(columns[:30])})")
+        if not is_text(text_field):
+            raise RQError(f"{where}: column {text_field!r} does not hold text (--text-field)")
+        return text_field
+    col = next((c for c in TEXT_COLUMNS if c in columns and is_text(c)), None)
+    if col is None:
+        raise RQError(f"{where}: no text column (columns: {', '.join(columns[:30])}; expected one of "
+                      f"{', '.join(TEXT_COLUMNS)}, or pass --text-field)")
+    return col
+
+
+def _texts_from_parquet(files: list[Path], where: str, text_field: str | None) -> list[str]:
+    """The text column of parquet ``files`` (read with pyarrow: no cache written, nothing unpickled)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts: list[str] = []
+    col = None
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+            if col is None:
+                def is_text(c):
+                    t = schema.field(c).type
+                    return pa.types.is_string(t) or pa.types.is_large_string(t) or \
+                        getattr(pa.types, "is_string_view", lambda _: False)(t)
+
+                col = _pick_column(list(schema.names), is_text, where, text_field)
+            elif col not in schema.names:
+                raise RQError(f"{f}: no column {col!r} (the other parquet files of {where} have it)")
+            values = pq.read_table(f, columns=[col]).column(col).to_pylist()
+        except RQError:
+            raise
+        except Exception as e:  # corrupt parquet: name it
+            raise RQError(f"{f}: cannot read parquet ({type(e).__name__}: {str(e)[:200]})") from None
+        texts.extend(t for t in values if isinstance(t, str))
+    return texts
 
 
 def texts_sha256(texts: list[str]) -> str:
@@ -170,6 +358,22 @@ def texts_sha256(texts: list[str]) -> str:
         digest.update(t.encode("utf-8", errors="replace"))
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def shuffled_order(n: int, seed: int) -> list[int]:
+    """The order ``pack`` reads ``n`` (non-empty) texts in."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def split_used(texts: list[str], seed: int, texts_used: int) -> tuple[list[str], list[str]]:
+    """``(used, unused)``: the texts ``pack(texts, seed=seed)`` took its tokens from (in the order it
+    read them) and the rest (in their original order): the calibration source's held-out part."""
+    texts = [t for t in texts if t and t.strip()]
+    order = shuffled_order(len(texts), seed)
+    used = set(order[:texts_used])
+    return [texts[i] for i in order[:texts_used]], [t for i, t in enumerate(texts) if i not in used]
 
 
 def pack(texts: list[str], tokenizer, *, num_samples: int, seq_len: int, seed: int, name: str,
@@ -187,17 +391,16 @@ def pack(texts: list[str], tokenizer, *, num_samples: int, seq_len: int, seed: i
         raise RQError(f"calibration data {name!r} has no non-empty texts")
     if num_samples < 1 or seq_len < 2:
         raise RQError(f"--num-samples must be >= 1 and --seq-len >= 2 (got {num_samples}, {seq_len})")
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
+    order = shuffled_order(len(texts), seed)
     sep = tokenizer.eos_token_id
     need = num_samples * seq_len
     ids: list[int] = []
-    owner: list[int] = []  # text index of every token
-    for i in order:
+    owner: list[int] = []  # position in ``order`` of the text of every token
+    for j, i in enumerate(order):
         ids.extend(tokenizer(texts[i], add_special_tokens=False, verbose=False)["input_ids"])
         if sep is not None:
             ids.append(sep)
-        owner.extend([i] * (len(ids) - len(owner)))
+        owner.extend([j] * (len(ids) - len(owner)))
         if len(ids) >= need:
             break
     n = min(num_samples, len(ids) // seq_len)
@@ -211,8 +414,8 @@ def pack(texts: list[str], tokenizer, *, num_samples: int, seq_len: int, seed: i
     seq_domain = domains = None
     if tags is not None:
         domains = tuple(sorted(set(tags)))
-        tag_id = torch.tensor([domains.index(tags[i]) for i in owner[: n * seq_len]]).view(n, seq_len)
+        tag_id = torch.tensor([domains.index(tags[order[j]]) for j in owner[: n * seq_len]]).view(n, seq_len)
         hist = torch.zeros(n, len(domains), dtype=torch.int64).scatter_add_(1, tag_id, torch.ones_like(tag_id))
         seq_domain = hist.argmax(-1)  # ties: the first domain name
     return CalibrationData(name=name, sha256=texts_sha256(texts), input_ids=input_ids, num_texts=len(texts),
-                           seq_domain=seq_domain, domains=domains)
+                           seq_domain=seq_domain, domains=domains, texts_used=owner[n * seq_len - 1] + 1)

@@ -5,7 +5,8 @@ Layout (format ``rq-profile``, version 2; version 1 = the same without ``loads``
     {"format": "rq-profile", "version": 2, "rq_version": "...",
      "model": {"path", "model_type", "family", "config_sha256", "num_experts", "top_k",
                "num_hidden_layers", "moe_layers", "expert_dtype", "activation"},
-     "calibration": {"dataset", "sha256", "sequences", "seq_len", "tokens", "batch_size", "seed"},
+     "calibration": {"dataset", "sha256", "texts", "sequences", "seq_len", "tokens", "batch_size", "seed",
+                     "texts_used", "source": {"spec", "kind", "path", "config", "split", "text_field"}},
      "schemes": ["int8", "nf4"],
      "layers": [{"layer": 3, "load": [E], "gate_mass": [E], "output_energy": [E],
                  "output_power": [E], "quant_error": {"int8": [E], ...}, "lis": 1.7,
@@ -14,6 +15,10 @@ Layout (format ``rq-profile``, version 2; version 1 = the same without ``loads``
 
      "loads": null | {"file": "profile.loads.safetensors", "sha256": "...", "shape": [N, L, E],
                "unit": "sequence", "tokens_per_sequence": S, "domains": null | ["code", ...]}}
+
+``calibration.texts_used`` / ``source`` (optional, written since issue 15): how many of the shuffled
+texts gave the tokens and where the data is (``rq_tool.calibrate.data.source_record``), so ``rq eval``
+can score the source's unused texts as held-out data (``rq_tool.eval.heldout``).
 
 ``layer`` is the absolute decoder-layer index (dense layers are simply absent); ``moe_layers``
 (optional, written since issue 11) lists the model's MoE layers, so a profile missing one is refused

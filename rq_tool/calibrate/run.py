@@ -12,7 +12,7 @@ from ..errors import RQError
 from ..lis import lis_by_batch
 from ..modelio import load_model, load_tokenizer, resolve_model_path
 from ..quant import QUANT_SCHEMES, scheme_for_dtype
-from .data import CalibrationData, load_tags, load_texts, pack
+from .data import CalibrationData, load_tags, load_texts, pack, source_record
 from .profile import LayerProfile, Profile, config_fingerprint
 from .recorder import ExpertRecorder
 
@@ -30,13 +30,20 @@ def calibrate(
     lis_batch_sizes=defaults.LIS_BATCH_SIZES,
     progress: bool = True,
     max_memory: str | None = None,
+    dataset_config: str | None = None,
+    split: str | None = None,
+    text_field: str | None = None,
 ) -> Profile:
     """Profile expert load and importance of an MoE model (``None`` = the bundled tiny MoE).
+
+    ``dataset`` / ``dataset_config`` / ``split`` / ``text_field``: see ``rq_tool.calibrate.load_texts``;
+    the profile records them (``calibration.source``) so ``rq eval`` can find the data again.
 
     ``max_memory`` (e.g. ``"8GB"``): calibrate a model larger than RAM by offloading the weights
     that do not fit to a temporary folder on disk (loaded layer by layer during the forward).
     """
     path = resolve_model_path(model)
+    dataset = (dataset, dataset_config, split, text_field)
     if max_memory is None:
         return _calibrate(path, load_model(path), dataset, num_samples, seq_len, batch_size, seed, schemes,
                           quant_error, lis_batch_sizes, progress)
@@ -57,9 +64,10 @@ def _calibrate(path, loaded, dataset, num_samples, seq_len, batch_size, seed, sc
         raise RQError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
     if batch_size < 1:
         raise RQError(f"--batch-size must be >= 1 (got {batch_size})")
-    name, texts = load_texts(dataset)
+    spec, config, split, text_field = dataset
+    name, texts = load_texts(spec, config=config, split=split, text_field=text_field)
     data = pack(texts, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed, name=name,
-                tags=load_tags(dataset, texts))
+                tags=load_tags(spec, texts) if text_field is None else None)
     layers, seq_loads = profile_model(hf_model, family, data, batch_size=batch_size, schemes=schemes,
                                       quant_error=quant_error, lis_batch_sizes=lis_batch_sizes, progress=progress,
                                       return_seq_loads=True)
@@ -81,6 +89,8 @@ def _calibrate(path, loaded, dataset, num_samples, seq_len, batch_size, seed, sc
             "dataset": data.name,
             "sha256": data.sha256,
             "texts": data.num_texts,
+            "texts_used": data.texts_used,
+            "source": source_record(spec, config, split, text_field),
             "sequences": int(data.input_ids.shape[0]),
             "seq_len": int(data.input_ids.shape[1]),
             "tokens": data.num_tokens,

@@ -165,7 +165,8 @@ def markdown_table(results: list[dict], pool: str = "heldout") -> str:
     base, ref_ep = _pool(results[0], pool)["ep"], _pool(ref, pool)["ep"]
     lines.append("")
     lines.append("EP columns: each model's own slots placed heaviest-first within the original per-device memory "
-                 f"share (planned on the {ref['placement_planned_on']} loads, scored on held-out); max device mem "
+                 f"share (planned on the {ref['placement_planned_on']} loads, scored on "
+                 f"{ref['heldout'].get('data', 'held-out')} data); max device mem "
                  "> 1.00x means the slots did not pack into the original share.")
     lines.append("Original, standard contiguous EP (E/G experts per device): "
                  + ", ".join(f"G={g} {base[g]['before']:.3f}" for g in gs) + ".")

@@ -60,8 +60,14 @@ def json_safe(v):
 @click.argument("original", type=click.Path())
 @click.argument("rewritten", type=click.Path())
 @click.option("--dataset", "-d", "datasets", multiple=True,
-              help="Held-out data (file or dataset name), one domain each; repeatable. Default: the bundled "
-                   "corpus's held-out split (never the calibration set).")
+              help="Held-out data (file, dataset folder or dataset name), one domain each; repeatable. Default: the "
+                   "rewritten model's calibration data -- its texts calibration did not use (held-out), else the "
+                   "calibration texts, reported as in-sample; for a bundled set, the bundled corpus's held-out split.")
+@click.option("--dataset-config", default=None, help="Config of the datasets (a datasets name's config, or a parquet "
+              "folder's subfolder).")
+@click.option("--split", default=None, help="Split of the datasets (default: train); without --dataset, that split "
+              "of the calibration data, scored as held-out.")
+@click.option("--text-field", default=None, help="Column / JSON field holding the text.")
 @click.option("--max-tokens", default=defaults.HELDOUT_TOKENS, show_default=True, type=BoundedInt(2, 1 << 32),
               help="Tokens scored per domain: more is steadier, slower.")
 @click.option("--seq-len", default=defaults.HELDOUT_SEQ_LEN, show_default=True, type=BoundedInt(2, 1 << 20),
@@ -84,24 +90,28 @@ def json_safe(v):
               help="Also write the JSON here.")
 @click.option("--force", is_flag=True, help="Replace an existing --out written by rq eval (never any other file).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_cmd(original, rewritten, datasets, max_tokens, seq_len, batch_size, weights, devices, laser, laser_eps_high,
-             laser_t_fix, laser_candidates, out_path, force, as_json):
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars (they are drawn on stderr, only on a terminal).")
+def eval_cmd(original, rewritten, datasets, dataset_config, split, text_field, max_tokens, seq_len, batch_size, weights,
+             devices, laser, laser_eps_high, laser_t_fix, laser_candidates, out_path, force, as_json, quiet):
     """Compare REWRITTEN with ORIGINAL on held-out data: perplexity, accuracy, LIS, bytes, simulated EP."""
     from ..routing_policy import LaserConfig
     from .baselines import markdown_table
-    from .run import detail_text, evaluate, per_step_text
+    from .run import data_text, detail_text, evaluate, per_step_text
 
     inputs = [original, rewritten, *datasets]
     if out_path:
         check_output(out_path, EVAL_KIND, inputs, force)  # before the (long) evaluation
     cfg = LaserConfig(laser_eps_high, laser_t_fix, laser_candidates) if laser else None
     res = evaluate(original, rewritten, datasets=datasets, max_tokens=max_tokens, seq_len=seq_len,
-                   batch_size=batch_size, device_counts=_devices(devices), laser=cfg, domain_weights=_weights(weights))
+                   batch_size=batch_size, device_counts=_devices(devices), laser=cfg, domain_weights=_weights(weights),
+                   dataset_config=dataset_config, split=split, text_field=text_field, progress=not quiet)
     if out_path:
         write_text(out_path, json.dumps(json_safe(res), indent=1, allow_nan=False) + "\n", EVAL_KIND, inputs, force)
     if as_json:
         click.echo(json.dumps(json_safe(res), allow_nan=False))
         return
+    click.echo(data_text(res["heldout"]))
+    click.echo("")
     click.echo(markdown_table(res["results"]))
     for r in res["results"][1:]:
         click.echo("")

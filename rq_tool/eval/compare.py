@@ -90,18 +90,19 @@ def _open_original(path):
 
 
 def score_original(path, heldout: HeldOut, *, batch_size: int = defaults.BATCH_SIZE, policy=None,
-                   name: str = "original", plan_load: torch.Tensor | None = None, info: dict | None = None) -> Scored:
+                   name: str = "original", plan_load: torch.Tensor | None = None, info: dict | None = None,
+                   progress: bool = False) -> Scored:
     """The source model as is (``policy``: an optional routing-policy factory, see ``measure``)."""
     path, model, family = _open_original(path)
     layout = _layout(path)
-    m = measure(model, family, heldout.domains, batch_size=batch_size, policy=policy)
+    m = measure(model, family, heldout.domains, batch_size=batch_size, policy=policy, progress=progress, desc=name)
     slot_bytes = [torch.full((len(p),), layout.expert_bytes(layout.source_scheme), dtype=torch.int64)
                   for p in m.phy2log]
     return Scored(name, str(path), m, header_expert_bytes(path), slot_bytes, plan_load, dict(info or {}))
 
 
 def score_rewritten(path, original_path, heldout: HeldOut, *, batch_size: int = defaults.BATCH_SIZE,
-                    name: str = "rewritten", info: dict | None = None) -> Scored:
+                    name: str = "rewritten", info: dict | None = None, progress: bool = False) -> Scored:
     """A directory written by ``rq rewrite``; placement is planned on its own profile's loads."""
     from ..arch import get_family
     from ..calibrate.profile import Profile
@@ -111,7 +112,7 @@ def score_rewritten(path, original_path, heldout: HeldOut, *, batch_size: int = 
     model = load(path)
     family = get_family(model.config)
     layout = _layout(original_path)
-    m = measure(model, family, heldout.domains, batch_size=batch_size)
+    m = measure(model, family, heldout.domains, batch_size=batch_size, progress=progress, desc=name)
     slot_bytes = [torch.tensor([layout.expert_bytes(s) for s in schemes], dtype=torch.int64)
                   for schemes in m.slot_scheme]
     plan_load = None

@@ -15,6 +15,7 @@ Perplexity and accuracy come from ``rq_tool.eval.perplexity.evaluate_ids``, one 
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -173,17 +174,22 @@ class ExpertCounter:
 
 
 def measure(model: nn.Module, family: MoEFamily, domains: dict[str, torch.Tensor], *, batch_size: int = 8,
-            policy=None) -> ModelMeasure:
+            policy=None, progress: bool = False, desc: str = "scoring") -> ModelMeasure:
     """Score every domain's windows ``[N, S]`` in batches of ``batch_size`` (single-domain batches).
 
     ``policy``: ``None`` or a factory ``(model, family) -> context manager`` wrapping the run
     (e.g. LASER routing); if the manager has ``stats`` they are returned as ``policy_stats``.
+    ``progress``: a bar of windows scored on stderr, drawn only when stderr is a terminal.
     """
     if batch_size < 1:
         raise RQError(f"--batch-size must be >= 1 (got {batch_size})")
+    from tqdm import tqdm
+
     out: dict[str, Measure] = {}
     pol = policy(model, family) if policy is not None else contextlib.nullcontext()
-    with torch.inference_mode(), ExpertCounter(model, family) as counter, pol:
+    bar = tqdm(total=sum(int(ids.shape[0]) for ids in domains.values()), desc=f"scoring {desc}", unit="window",
+               file=sys.stderr, leave=False, disable=None if progress else True)  # None: off when not a tty
+    with bar, torch.inference_mode(), ExpertCounter(model, family) as counter, pol:
         for name, ids in domains.items():
             nll, correct, tokens = 0.0, 0, 0
             load = torch.zeros(len(counter.experts), max(counter.num_experts), dtype=torch.int64)
@@ -197,6 +203,7 @@ def measure(model: nn.Module, family: MoEFamily, domains: dict[str, torch.Tensor
                 sl = counter.batch_slot_load()
                 slot_load = sl if slot_load is None else [a + b for a, b in zip(slot_load, sl)]
                 batch_lis.append(torch.stack([lis(x) for x in sl]))
+                bar.update(min(batch_size, ids.shape[0] - start))
             out[name] = Measure(nll, correct, tokens, load, slot_load, torch.stack(batch_lis, dim=1))
     schemes = [tuple(e.schemes[int(i)] for i in e.slot_scheme) for e in counter.rq] if counter.rq else None
     return ModelMeasure([layer for layer, _ in counter.blocks], counter.phy2log(), schemes, out,

@@ -3,9 +3,10 @@
 Legend: L MoE layers, E logical experts, P physical slots.
 
 - ``load_before.png``: heatmap of each layer's load share per logical expert, with its LIS;
-- ``load_after.png`` (with a rewritten model): each layer's predicted load share per physical
-  slot (the profile's load split evenly over an expert's replicas), slots labelled with their
-  expert and marked by storage scheme;
+- ``load_after.png`` (with a rewritten model): per layer and logical expert, the predicted load
+  share of the expert's heaviest slot (the profile's load split evenly over its replicas:
+  ``expert_slot_share``), cells marked with the replica count and quantized storage; same axes
+  and the same colour scale as ``load_before.png``, so the two compare cell by cell;
 - ``lis_per_layer.png``: LIS per layer before and (predicted) after, plus the mean per-batch
   LIS of the profile at each recorded batch size.
 
@@ -40,21 +41,41 @@ def _plt():
     return plt
 
 
-def _heatmap(plt, share, title: str, row_labels, col_labels=None, path: Path = None, marks=None):
+_SCHEME_MARK = {"int8": "i8", "nf4": "n4"}
+_MAX_ANNOTATED_CELLS = 4096  # beyond this the cell texts are unreadable anyway
+
+
+def expert_slot_share(load: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
+    """Predicted load of each logical expert's heaviest slot, in % of the layer's load.
+
+    ``load [E]`` int64, ``phy2log [P]``, ``logcnt [E]`` -> ``[E]`` float64 (``lis.slot_loads``:
+    tokens split evenly over replicas). Before a rewrite (one slot each) this is the load share.
+    """
+    s = slot_loads(load, phy2log, logcnt)
+    top = torch.zeros(load.shape[0], dtype=torch.float64).scatter_reduce_(0, phy2log, s, "amax", include_self=False)
+    return 100.0 * top / load.double().sum().clamp_min(1)
+
+
+def _heatmap(plt, share, title: str, row_labels, path: Path, vmax: float, cells=None,
+             xlabel: str = "logical expert"):
+    """``share [L, E]`` in %, rows labelled ``row_labels``, colours 0..``vmax``; ``cells [L][E]``: text per cell."""
     L, C = share.shape
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.42 * C + 2.5), max(2.5, 0.5 * L + 1.6)))
-    masked = torch.where(torch.isnan(share), torch.zeros_like(share), share)
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#d0d0d0")  # grey: no slot in this layer
-    im = ax.imshow(share.numpy(), aspect="auto", cmap=cmap, vmin=0.0, vmax=float(masked.max()) or 1.0,
-                   interpolation="nearest")
-    ax.set_yticks(range(L), row_labels)
-    if col_labels is not None:
-        ax.set_xticks(range(C), col_labels, rotation=90 if C > 24 else 0, fontsize=7 if C > 24 else 8)
-    else:
-        ax.set_xticks(range(C))
+    width = 0.42 * C + 2.5 if C <= 32 else 0.22 * C + 9.0
+    fig, ax = plt.subplots(figsize=(max(6.0, width), max(2.5, 0.32 * L + 1.8)))
+    im = ax.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+    ax.set_yticks(range(L), row_labels, fontsize=8 if L <= 48 else 6)  # every layer labelled
+    step = 1 if C <= 64 else 2 if C <= 128 else 4
+    ax.set_xticks(range(0, C, step), [str(e) for e in range(0, C, step)], rotation=90 if C > 24 else 0,
+                  fontsize=7 if C > 24 else 8)
+    if cells is not None and L * C <= _MAX_ANNOTATED_CELLS:
+        for i, row in enumerate(cells):
+            for j, text in enumerate(row):
+                if text:
+                    ax.text(j, i, text, ha="center", va="center", fontsize=6 if C > 24 else 7,
+                            color="white" if float(share[i, j]) < 0.6 * vmax else "black")
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel("physical slot (logical expert; ' replica, · int8, : nf4)" if marks else "expert")
-    fig.colorbar(im, ax=ax, label="share of the layer's load (%)")
+    ax.set_xlabel(xlabel)
+    fig.colorbar(im, ax=ax, label="share of the layer's load (%)", fraction=0.15 if C <= 32 else 0.04, pad=0.02)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -86,35 +107,38 @@ def write_report(profile, out_dir, compare=None, force: bool = False) -> list[Pa
 
 
 def _draw(plt, profile, compare, rmap, out: Path) -> list[Path]:
-    load = profile.load_matrix().double()  # [L, E]
+    load = profile.load_matrix()  # [L, E]
     layers = [lp.layer for lp in profile.layers]
-    share = 100.0 * load / load.sum(-1, keepdim=True).clamp_min(1)
-    before = [float(v) for v in lis(load)]
-    paths = [_heatmap(plt, share, f"Expert load per layer (calibration: {profile.calibration.get('dataset')}, "
-                      f"{profile.calibration.get('tokens')} tokens)",
-                      [f"L{layer}  LIS {b:.2f}" for layer, b in zip(layers, before)], path=out / "load_before.png")]
+    share = 100.0 * load.double() / load.double().sum(-1, keepdim=True).clamp_min(1)
+    vmax = float(share.max()) or 1.0  # the after plot's cells are never above their before cell
+    before = [float(v) for v in lis(load.double())]
+    cal = profile.calibration
+    paths = [_heatmap(plt, share, f"Expert load per layer (calibration: {cal.get('dataset')}, "
+                      f"{cal.get('tokens')} tokens)",
+                      [f"L{layer}  LIS {b:.2f}" for layer, b in zip(layers, before)], out / "load_before.png", vmax)]
     after = None
     if compare is not None:
         if [lm.layer for lm in rmap.layers] != layers:
             raise RQError(f"{compare}: its MoE layers {[lm.layer for lm in rmap.layers]} differ from the "
                           f"profile's {layers}")
-        P = max(lm.num_slots for lm in rmap.layers)
-        slot_share = torch.full((len(layers), P), float("nan"), dtype=torch.float64)
-        after, labels = [], None
-        for i, lm in enumerate(rmap.layers):
-            s = slot_loads(load[i], lm.phy2log, lm.logcnt)
-            slot_share[i, : lm.num_slots] = 100.0 * s / s.sum().clamp_min(1)
-            after.append(float(lis(s)))
-        labels = [f"L{layer}  LIS {a:.2f}" for layer, a in zip(layers, after)]
-        widest = max(rmap.layers, key=lambda lm: lm.num_slots)
-        mark = {"int8": "·", "nf4": ":"}
-        cols = [f"{int(e)}{chr(39) if p >= rmap.num_experts else ''}{mark.get(s, '')}"
-                for p, (e, s) in enumerate(zip(widest.phy2log.tolist(), widest.slot_scheme))]
-        paths.append(_heatmap(plt, slot_share, f"Predicted load per physical slot ({Path(compare).name}; columns "
-                              f"labelled for layer {widest.layer}, grey = no slot)", labels, cols,
-                              out / "load_after.png", marks=True))
+        top = torch.stack([expert_slot_share(load[i], lm.phy2log, lm.logcnt) for i, lm in enumerate(rmap.layers)])
+        after = [float(lis(slot_loads(load[i], lm.phy2log, lm.logcnt))) for i, lm in enumerate(rmap.layers)]
+        cells = [[_cell(lm, e) for e in range(load.shape[1])] for lm in rmap.layers]
+        paths.append(_heatmap(plt, top, f"Predicted load of each expert's heaviest slot after rewrite\n"
+                              f"({Path(compare).name}; colour scale of load_before.png)",
+                              [f"L{layer}  LIS {a:.2f}  ({lm.num_slots} slots)"
+                               for layer, a, lm in zip(layers, after, rmap.layers)],
+                              out / "load_after.png", vmax, cells,
+                              "logical expert (cell: xN = N replicas, i8 / n4 = stored int8 / nf4)"))
     paths.append(_lis_chart(plt, profile, layers, before, after, out / "lis_per_layer.png"))
     return paths
+
+
+def _cell(lm, e: int) -> str:
+    """``x2 i8``: expert ``e``'s replica count (when > 1) and quantized storage of its slots."""
+    slots = (lm.phy2log == e).nonzero().flatten().tolist()
+    marks = sorted({_SCHEME_MARK[lm.slot_scheme[p]] for p in slots if lm.slot_scheme[p] in _SCHEME_MARK})
+    return " ".join(([f"x{len(slots)}"] if len(slots) > 1 else []) + marks)
 
 
 def _lis_chart(plt, profile, layers, before, after, path: Path) -> Path:

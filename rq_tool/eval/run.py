@@ -13,13 +13,18 @@ from .heldout import load_heldout
 def evaluate(original, rewritten, *, datasets=(), max_tokens: int = defaults.HELDOUT_TOKENS,
              seq_len: int = defaults.HELDOUT_SEQ_LEN, batch_size: int = defaults.HELDOUT_BATCH_SIZE,
              device_counts=defaults.DEVICE_COUNTS, laser=None,
-             domain_weights: dict[str, float] | None = None) -> dict:
+             domain_weights: dict[str, float] | None = None, dataset_config: str | None = None,
+             split: str | None = None, text_field: str | None = None, progress: bool = True) -> dict:
     """Compare ``rewritten`` (an ``rq rewrite`` output) with ``original`` on held-out data.
 
     Returns ``{"results": [original row, rewritten row (, laser row)], "heldout": ...}``; each
-    row is a ``compare`` result (see ``rq_tool.eval.compare``). ``laser``: a ``LaserConfig`` to
-    also score LASER routing on the original weights. ``domain_weights``: token shares of the
-    traffic the plan was made for, adding each row's ``matched`` pool.
+    row is a ``compare`` result (see ``rq_tool.eval.compare``). ``datasets`` empty: the data the
+    rewritten model's profile was calibrated on, its unused texts when there are any, else the
+    calibration texts (``heldout["held_out"]`` is then False: in-sample numbers); see
+    ``rq_tool.eval.heldout``. ``dataset_config`` / ``split`` / ``text_field``: how to read the
+    data (``rq_tool.calibrate.load_texts``). ``laser``: a ``LaserConfig`` to also score LASER
+    routing on the original weights. ``domain_weights``: token shares of the traffic the plan was
+    made for, adding each row's ``matched`` pool. ``progress``: bars on stderr (only on a terminal).
     """
     from ..calibrate.profile import Profile
     from ..modelio import load_tokenizer, resolve_model_path
@@ -30,37 +35,39 @@ def evaluate(original, rewritten, *, datasets=(), max_tokens: int = defaults.HEL
         raise RQError(f"{rewritten} is not a model directory (no config.json)")
     prof_path = rewritten / defaults.PROFILE_FILE
     profile = Profile.load(prof_path) if prof_path.is_file() else None
-    cal_sha = profile.calibration.get("sha256") if profile else None
     tokenizer = load_tokenizer(src)
     max_pos = getattr(_config(src), "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
         raise RQError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
     heldout = load_heldout(tokenizer, tuple(datasets), seq_len=seq_len, max_tokens=max_tokens,
-                           calibration_sha256=cal_sha)
+                           calibration=profile.calibration if profile else None, config=dataset_config, split=split,
+                           text_field=text_field)
     plan_load = profile.load_matrix() if profile else None
-    orig = score_original(src, heldout, batch_size=batch_size, plan_load=plan_load)
-    cand = score_rewritten(rewritten, src, heldout, batch_size=batch_size, name=rewritten.name)
+    orig = score_original(src, heldout, batch_size=batch_size, plan_load=plan_load, progress=progress)
+    cand = score_rewritten(rewritten, src, heldout, batch_size=batch_size, name=rewritten.name, progress=progress)
     kw = {"device_counts": device_counts, "domain_weights": domain_weights}
     results = [compare(orig, orig, heldout, **kw), compare(orig, cand, heldout, **kw)]
     if laser is not None:
         from ..routing_policy import LaserRouting
 
         las = score_original(src, heldout, batch_size=batch_size, name="laser", plan_load=plan_load,
-                             info={"laser": laser.to_dict()}, policy=lambda m, f: LaserRouting(m, f, laser))
+                             info={"laser": laser.to_dict()}, policy=lambda m, f: LaserRouting(m, f, laser),
+                             progress=progress)
         results.append(compare(orig, las, heldout, **kw))
     out = {"results": results, "heldout": heldout.describe()}
-    placed = per_step_section(src, rewritten, heldout, batch_size)
+    placed = per_step_section(src, rewritten, heldout, batch_size, progress)
     if placed is not None:
         out["per_step"] = placed
     return out
 
 
-def per_step_section(src, rewritten: Path, heldout, batch_size: int) -> dict | None:
+def per_step_section(src, rewritten: Path, heldout, batch_size: int, progress: bool = False) -> dict | None:
     """Per-step device max/mean of a rewritten model's own placement (routing map v2 with
     ``num_devices``) vs standard EP, on held-out per-sequence loads of the original model, at
     ``defaults.STEP_COUNTS`` sequences per step, both split policies, mixed and single-domain steps.
     ``None`` when the map has no placement."""
     import json
+    import sys
 
     import torch
 
@@ -81,14 +88,14 @@ def per_step_section(src, rewritten: Path, heldout, batch_size: int) -> dict | N
     loads = {}
     for name, ids in heldout.domains.items():
         _, seq = profile_model(model, family, CalibrationData(name, "", ids, 0), batch_size=batch_size,
-                               quant_error=False, progress=False, return_seq_loads=True)
+                               quant_error=False, progress=progress and sys.stderr.isatty(), return_seq_loads=True)
         loads[name] = seq
     G, L, E = rmap.num_devices, len(rmap.layers), rmap.num_experts
     pad = torch.nn.utils.rnn.pad_sequence
     layouts = {"standard EP": Layout(*contiguous_layout(L, E, G)),
                "rewritten": Layout(pad([lm.phy2log for lm in rmap.layers], True, -1),
                                    pad([lm.slot_device for lm in rmap.layers], True, -1))}
-    return {"num_devices": G, "table": per_step_balance(loads, layouts, G)}
+    return {"num_devices": G, "data": heldout.label, "table": per_step_balance(loads, layouts, G)}
 
 
 def _config(path):
@@ -99,7 +106,8 @@ def _config(path):
 
 def per_step_text(section: dict) -> str:
     """The per-step table of ``per_step_section`` for people."""
-    lines = [f"per-step device max/mean on EP {section['num_devices']} (held-out; mean over 64 resampled steps; "
+    lines = [f"per-step device max/mean on EP {section['num_devices']} ({section.get('data', 'held-out')}; mean over "
+             "64 resampled steps; "
              "standard EP -> the rewritten model's placement):"]
     for policy, by_b in section["table"].items():
         for b, by_steps in by_b.items():
@@ -109,10 +117,18 @@ def per_step_text(section: dict) -> str:
     return "\n".join(lines)
 
 
+def data_text(heldout: dict) -> str:
+    """Which data was scored and whether it is held out (``HeldOut.describe()``), for people."""
+    doms = ", ".join(f"{d} ({v['sequences']} x {v['seq_len']} tokens)" for d, v in heldout["domains"].items())
+    tag = "held-out" if heldout.get("held_out", True) else "IN-SAMPLE"
+    return f"scored on [{tag}] {heldout['source']}: {doms}" + (f"\n  {heldout['note']}" if heldout.get("note") else "")
+
+
 def detail_text(result: dict) -> str:
     """Per-domain quality, per-layer LIS, bytes and EP of one ``compare`` result, for people."""
     r = result
-    lines = [f"== {r['name']} vs original"]
+    data = "held-out" if r["heldout"].get("held_out", True) else "IN-SAMPLE"
+    lines = [f"== {r['name']} vs original ({data})"]
     lines.append(f"{'domain':<12} {'ppl orig':>9} {'ppl new':>9} {'Δppl%':>7} {'acc orig':>9} {'acc new':>8} "
                  f"{'Δacc pts':>8} {'LIS before':>10} {'after':>6} {'batch LIS before':>16} {'after':>6}")
     for d, q in r["quality"].items():
@@ -123,7 +139,7 @@ def detail_text(result: dict) -> str:
                      f"{100 * q['original']['acc']:>8.2f}% {100 * q['candidate']['acc']:>7.2f}% "
                      f"{100 * q['acc_delta']:>+8.2f} {lis_s}")
     li = r["lis"]
-    lines.append("LIS per layer (held-out, pooled): " + ", ".join(
+    lines.append(f"LIS per layer ({data}, pooled): " + ", ".join(
         f"L{x['layer']} {x['before']:.2f}->{x['after']:.2f} ({x['slots']} slots)" for x in li["layers"]))
     change = f"{li['reduction']:.2f}x lower" if li["reduction"] >= 1 else f"{1 / li['reduction']:.2f}x higher"
     lines.append(f"LIS mean {li['mean_before']:.3f} -> {li['mean_after']:.3f} ({change}, "

@@ -89,7 +89,7 @@ def export(source, engine, ep_size, redundant, out, logical_count, per_layer_pre
     from .engines import plan_placement
 
     plan = plan_placement(src.load(), src.layers, src.num_hidden_layers, ep_size, redundant)
-    result = eng.build(plan, out, logical_count)
+    result = eng.build(plan, out, logical_count, src.profile.model.get("model_type"))
     path = None
     if result.content is not None:
         path = write_json_atomic(out or defaults.EXPORT_SGLANG_FILE, result.content)
@@ -97,7 +97,8 @@ def export(source, engine, ep_size, redundant, out, logical_count, per_layer_pre
         click.echo(json.dumps({"format": defaults.EXPORT_FORMAT[0], "version": defaults.EXPORT_FORMAT[1],
                                "engine": eng.name, "source": str(src.path), "out": str(path) if path else None,
                                "content": next(iter(result.content)) if result.content else None,
-                               "flags": result.flags, "notes": result.notes, **plan.summary()}))
+                               "flags": result.flags, "notes": result.notes, "warnings": result.warnings,
+                               **plan.summary()}))
         return
     click.echo(_placement_text(src, eng.name, plan, result, path, logical_count))
 
@@ -122,6 +123,7 @@ def _placement_text(src, engine: str, plan, result, path, logical_count: bool) -
     lines.append("server flags:")
     lines.append("  " + " ".join(result.flags))
     lines += [f"note: {n}" for n in result.notes]
+    lines += [f"warning: {w}" for w in result.warnings]
     return "\n".join(lines)
 
 

@@ -34,8 +34,9 @@ per-GPU max/mean load, averaged over MoE layers, is <= {defaults.EXPORT_TARGET_M
 memory per MoE layer on some GPU.
 
 --per-layer-precision: engines run one quantization scheme per MoE layer, so rq picks which
-layers' experts to quantize (int8, or int4 group-64 for nf4) to fit --budget at the lowest total
-predicted error, and writes a compressed-tensors "mixed-precision" quantization_config. Writing
+layers' experts to quantize (int8, or int4 group-32 for nf4) to fit --budget at the lowest total
+predicted error, and writes a compressed-tensors quantization_config for the checkpoint
+(per-expert projections targeted, every other Linear listed in ignore). Writing
 the re-quantized checkpoint is out of scope: quantize it with these config_groups (e.g.
 llm-compressor) and put the dict in its config.json."""
 
@@ -136,15 +137,16 @@ def _export_precision(src, eng, budget, model, out, as_json, write_json_atomic) 
         have = ", ".join(src.profile.schemes) or "none"
         raise RQError(f"{src.path}: the profile has no quant_error (measured: {have}); "
                       "re-run rq calibrate without --no-quant-error")
-    layer_bytes, names = layer_scheme_bytes(src, model, measured)
-    res = plan_layer_precision(src.profile, src.layers, layer_bytes, names, budget)
+    layer_bytes, names, serving = layer_scheme_bytes(src, model, measured)
+    res = plan_layer_precision(src.profile, src.layers, layer_bytes, names, budget, serving, eng.moe_probe_projections)
+    warnings = eng.precision_warnings({row["scheme"] for row in res["layers"]})
     config, rows, original, budget_bytes = (res["quantization_config"], res["layers"], res["original_bytes"],
                                             res["budget_bytes"])
     path = write_json_atomic(out, config) if config["config_groups"] else None
     if as_json:
         click.echo(json.dumps({"format": defaults.EXPORT_FORMAT[0], "version": defaults.EXPORT_FORMAT[1],
                                "engine": eng.name, "source": str(src.path), "out": str(path) if path else None,
-                               **res}))
+                               "warnings": warnings, **res}))
         return
     lines = [f"{eng.name}: one scheme per MoE layer within {budget_bytes} bytes "
              f"(--budget {budget}; original {original})",
@@ -156,8 +158,10 @@ def _export_precision(src, eng, budget, model, out, as_json, write_json_atomic) 
     if path is None:
         lines.append("the budget holds every MoE layer unquantized: nothing to quantize, no file written")
     else:
-        lines.append(f"wrote {path} (compressed-tensors mixed-precision quantization_config)")
+        lines.append(f"wrote {path} (compressed-tensors quantization_config, format {config['format']}, "
+                     f"{len(config['ignore'])} ignore entries)")
         lines.append("next: quantize the original checkpoint with these config_groups (e.g. llm-compressor) and put "
                      f"this dict in its config.json as quantization_config; {eng.name} then reads it "
                      "(rq does not write the re-quantized checkpoint)")
+    lines += [f"warning: {w}" for w in warnings]
     click.echo("\n".join(lines))

@@ -177,10 +177,33 @@ def _vllm(plan: PlacementPlan, out: str | None, logical_count: bool) -> EngineEx
     return EngineExport(eplb if out else None, flags, notes)
 
 
+def _sglang_precision_warnings(schemes: set[str]) -> list[str]:
+    # sglang compressed_tensors.py get_moe_scheme: the Triton WNA16 MoE takes int4 groups of 32/128 only
+    if "int8" in schemes:
+        return ["SGLang runs 8-bit MoE weights only on its Marlin MoE kernel (--moe-runner-backend auto, the "
+                "default); --moe-runner-backend triton refuses the int8 layers"]
+    return []
+
+
+def _vllm_precision_warnings(schemes: set[str]) -> list[str]:
+    # vllm CompressedTensorsWNA16MoEMethod.supports_eplb: Triton backend only; non-Marlin asserts group strategy
+    if not set(schemes) & {"int8", "nf4"}:
+        return []
+    if "int8" in schemes:
+        return ["vLLM's EPLB runs quantized MoE layers only on its Triton WNA16 kernel, which refuses per-channel "
+                "int8: serve this config without --enable-eplb (or re-export with a budget that keeps no layer in "
+                "int8)"]
+    return ["vLLM's EPLB runs quantized MoE layers only on its Triton WNA16 kernel: with --enable-eplb add "
+            "--moe-backend triton (the default Marlin kernel has no EPLB and vLLM refuses to start)"]
+
+
 @dataclass(frozen=True)
 class Engine:
     name: str
     placement: Callable[[PlacementPlan, str | None, bool], EngineExport]
+    # names the engine asks a quantization_config about besides the checkpoint's per-expert names
+    moe_probe_projections: tuple[str, ...] = ()
+    precision_warnings: Callable[[set[str]], list[str]] = lambda schemes: []
 
     def build(self, plan: PlacementPlan, out: str | None, logical_count: bool,
               model_type: str | None = None) -> EngineExport:
@@ -193,8 +216,9 @@ class Engine:
 
 
 ENGINES: dict[str, Engine] = {
-    "sglang": Engine("sglang", _sglang),
-    "vllm": Engine("vllm", _vllm),
+    # sglang get_moe_scheme asks about "<experts>.0.gate_proj/up_proj/down_proj" whatever the checkpoint calls them
+    "sglang": Engine("sglang", _sglang, ("gate_proj", "up_proj", "down_proj"), _sglang_precision_warnings),
+    "vllm": Engine("vllm", _vllm, (), _vllm_precision_warnings),
 }
 assert tuple(ENGINES) == defaults.EXPORT_ENGINES, "update defaults.EXPORT_ENGINES (the CLI offers those)"
 

@@ -13,9 +13,10 @@ from rq_tool import defaults
 from rq_tool.calibrate.profile import LayerProfile, Profile, config_fingerprint
 from rq_tool.errors import RQError
 from rq_tool.eval.ep import eplb_max_mean
-from rq_tool.export import (ENGINE_WEIGHT_SCHEMES, balanced_phy2log, check_redundant, choose_layer_precision,
-                            compressed_tensors_config, expert_target, get_engine, gpu_max_mean, plan_placement,
-                            precision_summary, read_source, recommend_redundant, valid_redundant)
+from rq_tool.export import (ENGINE_WEIGHT_SCHEMES, ServingNames, balanced_phy2log, check_redundant,
+                            choose_layer_precision, compressed_tensors_config, expert_target, get_engine, gpu_max_mean,
+                            ignore_patterns, plan_placement, precision_summary, read_source, recommend_redundant,
+                            valid_redundant)
 from rq_tool.export.cli import export
 from rq_tool.plan.eplb import rebalance_experts
 from rq_tool.plan.placement import device_loads, max_mean
@@ -252,20 +253,50 @@ def test_choose_layer_precision_beats_uniform():
 
 
 def test_compressed_tensors_config_and_targets():
-    cfg = compressed_tensors_config({1: "int8", 3: "nf4", 5: "int8", 7: "bf16"})
-    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "mixed-precision"
+    names = ServingNames({l: f"model.layers.{l}.mlp.experts" for l in (1, 3, 5, 7)}, ("down_proj", "gate_proj", "up_proj"),
+                         ("lm_head", "model.embed_tokens", *(f"model.layers.{l}.{m}" for l in range(8)
+                                                            for m in ("self_attn.q_proj", "mlp.gate"))))
+    cfg = compressed_tensors_config({1: "int8", 3: "nf4", 5: "int8", 7: "bf16"}, names)
+    # every group is pack-quantized, so is the top level (SGLang's Marlin MoE refuses "mixed-precision")
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
     g0, g1 = cfg["config_groups"]["group_0"], cfg["config_groups"]["group_1"]
+    assert {g0["format"], g1["format"]} == {"pack-quantized"}
     assert g0["weights"] == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
-    assert g1["weights"]["num_bits"] == 4 and g1["weights"]["group_size"] == 64
-    assert g0["targets"] == [expert_target(1), expert_target(5)] and g1["targets"] == [expert_target(3)]
+    assert g1["weights"]["num_bits"] == 4 and g1["weights"]["group_size"] == 32  # SGLang Triton: 32 or 128
+    proj = names.projections
+    assert g0["targets"] == [expert_target(names.experts[1], proj), expert_target(names.experts[5], proj)]
+    assert g1["targets"] == [expert_target(names.experts[3], proj)]
     assert set(ENGINE_WEIGHT_SCHEMES) == {"int8", "nf4"}
-    pat = re.compile(expert_target(3)[3:])
-    for name in ("model.layers.3.mlp.experts", "model.layers.3.mlp.experts.0.gate_proj",
-                 "model.layers.3.block_sparse_moe.experts.7.w1"):
+    pat = re.compile(expert_target(names.experts[3], proj)[3:])
+    for name in ("model.layers.3.mlp.experts.0.gate_proj", "model.layers.3.mlp.experts.17.down_proj"):
         assert pat.match(name), name
-    for name in ("model.layers.13.mlp.experts.0.up_proj", "model.layers.3.mlp.shared_experts.gate_proj",
-                 "model.layers.3.mlp.gate", "model.layers.3.self_attn.q_proj", "model.layers.30.mlp.experts"):
+    for name in ("model.layers.3.mlp.experts", "model.layers.3.mlp.experts.0", "model.layers.13.mlp.experts.0.up_proj",
+                 "model.layers.30.mlp.experts.0.up_proj", "model.layers.3.mlp.shared_experts.gate_proj",
+                 "model.layers.3.mlp.gate", "model.layers.3.self_attn.q_proj", "model.layers.3.mlp.experts.0.gate_proj.x"):
         assert not pat.match(name), name
+    # ignore: the other Linear modules, folded over the layer index, and the unquantized layer's experts
+    assert cfg["ignore"] == ["lm_head", "model.embed_tokens", r"re:model\.layers\.\d+\.mlp\.gate$",
+                             r"re:model\.layers\.\d+\.self_attn\.q_proj$", expert_target(names.experts[7], proj)]
+    ign = [re.compile(p[3:]) for p in cfg["ignore"] if p.startswith("re:")]
+    assert not any(p.match("model.layers.3.mlp.gate_proj") or p.match("model.layers.3.mlp.experts.0.gate_proj")
+                   for p in ign)
+    # one format for all groups; SGLang also asks about gate/up/down_proj names, whatever the checkpoint says
+    mix = ServingNames({0: "model.layers.0.block_sparse_moe.experts"}, ("w1", "w2", "w3"), ())
+    t = compressed_tensors_config({0: "nf4"}, mix, ("gate_proj", "up_proj", "down_proj"))["config_groups"]["group_0"]
+    assert re.match(t["targets"][0][3:], "model.layers.0.block_sparse_moe.experts.3.w2")
+    assert re.match(t["targets"][0][3:], "model.layers.0.block_sparse_moe.experts.0.gate_proj")
+    with pytest.raises(RQError, match=r"no scheme chosen for MoE layers \[7\]"):
+        compressed_tensors_config({1: "int8", 3: "nf4", 5: "int8"}, names)
+
+
+def test_ignore_patterns_fold_only_the_layer_index():
+    got = ignore_patterns(["model.layers.0.self_attn.q_proj", "model.layers.11.self_attn.q_proj",
+                           "model.layers.0.mlp.gate_proj", "lm_head", "model.layers.2.mlp.gate"])
+    assert got == ["lm_head", "model.layers.0.mlp.gate_proj", "model.layers.2.mlp.gate",
+                   r"re:model\.layers\.\d+\.self_attn\.q_proj$"]
+    folded = re.compile(got[-1][3:])
+    assert folded.match("model.layers.7.self_attn.q_proj") and not folded.match("model.layers.7.self_attn.q_proj_x")
+    assert not folded.match("x.model.layers.7.self_attn.q_proj")
 
 
 def test_cli_per_layer_precision(tmp_path):
@@ -296,8 +327,11 @@ def test_cli_per_layer_precision(tmp_path):
     r = run("export", tmp_path / "p.json", "--engine", "vllm", "--per-layer-precision", "--budget", "0.8", "-o", out)
     assert r.exit_code == 0, r.output
     cfg = json.loads(out.read_text())
-    assert cfg["format"] == "mixed-precision"
-    assert [g["targets"] for g in cfg["config_groups"].values()] == [[expert_target(0)]]  # only layer 0, int8
+    assert cfg["format"] == "pack-quantized"
+    proj = ("down_proj", "gate_proj", "up_proj")
+    assert [g["targets"] for g in cfg["config_groups"].values()] == [[expert_target("model.layers.0.mlp.experts", proj)]]
+    assert cfg["ignore"] == ["lm_head", expert_target("model.layers.1.mlp.experts", proj)]  # only layer 0, int8
+    assert "--enable-eplb" in r.output and "refuses per-channel int8" in r.output  # vLLM EPLB cannot run int8
     assert "does not write the re-quantized checkpoint" in r.output
     r = run("export", tmp_path / "p.json", "--engine", "sglang", "--per-layer-precision", "--budget", "1.0", "-o",
             tmp_path / "none.json")

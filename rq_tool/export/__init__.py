@@ -18,7 +18,8 @@ what rq measured and planned:
 - a per-layer precision (``precision``): engines run ONE quantization scheme per MoE layer
   (mixed across layers is fine), so rq chooses which layers' experts to quantize within a
   memory budget at the lowest predicted error and writes a compressed-tensors
-  ``"format": "mixed-precision"`` ``quantization_config``. Out of scope: writing the
+  ``quantization_config`` the engines accept (per-expert projections targeted by the
+  checkpoint's own names, every other Linear ignored, top-level format = the groups' format). Out of scope: writing the
   re-quantized checkpoint itself -- quantize with those ``config_groups`` (e.g. llm-compressor)
   and put the dict in the checkpoint's config.json.
 
@@ -37,11 +38,13 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "recommend_redundant": ".location", "valid_redundant": ".location",
     "ENGINE_WEIGHT_SCHEMES": ".precision", "choose_layer_precision": ".precision",
     "compressed_tensors_config": ".precision", "expert_target": ".precision", "plan_layer_precision": ".precision",
-    "precision_summary": ".precision",
+    "precision_summary": ".precision", "ServingNames": ".precision", "ignore_patterns": ".precision",
+    "EPLB_SUPPORT": ".engines", "eplb_warning": ".engines",
     "ExportSource": ".source", "read_source": ".source",
 })
 __all__ = [
-    "ENGINES", "ENGINE_WEIGHT_SCHEMES", "EngineExport", "ExportSource", "PlacementPlan", "balanced_phy2log",
+    "ENGINES", "ENGINE_WEIGHT_SCHEMES", "EPLB_SUPPORT", "EngineExport", "ServingNames", "eplb_warning",
+    "ignore_patterns", "ExportSource", "PlacementPlan", "balanced_phy2log",
     "check_redundant", "choose_layer_precision", "compressed_tensors_config", "engine_default_phy2log",
     "expert_target", "get_engine", "gpu_max_mean", "logical_count_map", "physical_to_logical_map",
     "plan_layer_precision", "plan_placement", "precision_summary", "read_source", "recommend_redundant",

@@ -34,8 +34,9 @@ per-GPU max/mean load, averaged over MoE layers, is <= {defaults.EXPORT_TARGET_M
 memory per MoE layer on some GPU.
 
 --per-layer-precision: engines run one quantization scheme per MoE layer, so rq picks which
-layers' experts to quantize (int8, or int4 group-64 for nf4) to fit --budget at the lowest total
-predicted error, and writes a compressed-tensors "mixed-precision" quantization_config. Writing
+layers' experts to quantize (int8, or int4 group-32 for nf4) to fit --budget at the lowest total
+predicted error, and writes a compressed-tensors quantization_config for the checkpoint
+(per-expert projections targeted, every other Linear listed in ignore). Writing
 the re-quantized checkpoint is out of scope: quantize it with these config_groups (e.g.
 llm-compressor) and put the dict in its config.json."""
 
@@ -89,7 +90,7 @@ def export(source, engine, ep_size, redundant, out, logical_count, per_layer_pre
     from .engines import plan_placement
 
     plan = plan_placement(src.load(), src.layers, src.num_hidden_layers, ep_size, redundant)
-    result = eng.build(plan, out, logical_count)
+    result = eng.build(plan, out, logical_count, src.profile.model.get("model_type"))
     path = None
     if result.content is not None:
         path = write_json_atomic(out or defaults.EXPORT_SGLANG_FILE, result.content)
@@ -97,7 +98,8 @@ def export(source, engine, ep_size, redundant, out, logical_count, per_layer_pre
         click.echo(json.dumps({"format": defaults.EXPORT_FORMAT[0], "version": defaults.EXPORT_FORMAT[1],
                                "engine": eng.name, "source": str(src.path), "out": str(path) if path else None,
                                "content": next(iter(result.content)) if result.content else None,
-                               "flags": result.flags, "notes": result.notes, **plan.summary()}))
+                               "flags": result.flags, "notes": result.notes, "warnings": result.warnings,
+                               **plan.summary()}))
         return
     click.echo(_placement_text(src, eng.name, plan, result, path, logical_count))
 
@@ -122,6 +124,7 @@ def _placement_text(src, engine: str, plan, result, path, logical_count: bool) -
     lines.append("server flags:")
     lines.append("  " + " ".join(result.flags))
     lines += [f"note: {n}" for n in result.notes]
+    lines += [f"warning: {w}" for w in result.warnings]
     return "\n".join(lines)
 
 
@@ -134,15 +137,16 @@ def _export_precision(src, eng, budget, model, out, as_json, write_json_atomic) 
         have = ", ".join(src.profile.schemes) or "none"
         raise RQError(f"{src.path}: the profile has no quant_error (measured: {have}); "
                       "re-run rq calibrate without --no-quant-error")
-    layer_bytes, names = layer_scheme_bytes(src, model, measured)
-    res = plan_layer_precision(src.profile, src.layers, layer_bytes, names, budget)
+    layer_bytes, names, serving = layer_scheme_bytes(src, model, measured)
+    res = plan_layer_precision(src.profile, src.layers, layer_bytes, names, budget, serving, eng.moe_probe_projections)
+    warnings = eng.precision_warnings({row["scheme"] for row in res["layers"]})
     config, rows, original, budget_bytes = (res["quantization_config"], res["layers"], res["original_bytes"],
                                             res["budget_bytes"])
     path = write_json_atomic(out, config) if config["config_groups"] else None
     if as_json:
         click.echo(json.dumps({"format": defaults.EXPORT_FORMAT[0], "version": defaults.EXPORT_FORMAT[1],
                                "engine": eng.name, "source": str(src.path), "out": str(path) if path else None,
-                               **res}))
+                               "warnings": warnings, **res}))
         return
     lines = [f"{eng.name}: one scheme per MoE layer within {budget_bytes} bytes "
              f"(--budget {budget}; original {original})",
@@ -154,8 +158,10 @@ def _export_precision(src, eng, budget, model, out, as_json, write_json_atomic) 
     if path is None:
         lines.append("the budget holds every MoE layer unquantized: nothing to quantize, no file written")
     else:
-        lines.append(f"wrote {path} (compressed-tensors mixed-precision quantization_config)")
+        lines.append(f"wrote {path} (compressed-tensors quantization_config, format {config['format']}, "
+                     f"{len(config['ignore'])} ignore entries)")
         lines.append("next: quantize the original checkpoint with these config_groups (e.g. llm-compressor) and put "
                      f"this dict in its config.json as quantization_config; {eng.name} then reads it "
                      "(rq does not write the re-quantized checkpoint)")
+    lines += [f"warning: {w}" for w in warnings]
     click.echo("\n".join(lines))

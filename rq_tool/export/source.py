@@ -6,6 +6,7 @@ Legend: L MoE layers, E logical experts, S schemes.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,12 +70,13 @@ def read_source(path) -> ExportSource:
     return ExportSource(path, profile, n, rmap)
 
 
-def layer_scheme_bytes(source: ExportSource, model, schemes) -> tuple[torch.Tensor, list[str]]:
-    """Stored bytes of one MoE layer's experts in each scheme, from the source checkpoint's headers.
+def layer_scheme_bytes(source: ExportSource, model, schemes):
+    """Stored bytes of one MoE layer's experts in each scheme, from the source checkpoint's headers,
+    and the checkpoint's module names (for the engines' ``quantization_config``).
 
     ``model``: the checkpoint the profile was measured on (None: the profile's ``model.path``).
-    Returns ``(layer_bytes [S] int64, scheme names [S] with the source scheme first)``; the
-    profile must belong to that checkpoint.
+    Returns ``(layer_bytes [S] int64, scheme names [S] with the source scheme first,
+    precision.ServingNames)``; the profile must belong to that checkpoint.
     """
     from ..arch import get_family
     from ..modelio import load_config, read_config_dict, resolve_model_path
@@ -90,12 +92,44 @@ def layer_scheme_bytes(source: ExportSource, model, schemes) -> tuple[torch.Tens
         raise RQError(f"{src} is an rq-rewritten model; --model must be the original checkpoint")
     config = load_config(src)
     source.profile.check_matches(config, where=str(source.path))
-    layout = read_layout(SourceCheckpoint(src), get_family(config))
+    ckpt, family = SourceCheckpoint(src), get_family(config)
+    layout = read_layout(ckpt, family)
     if list(layout.layers) != list(source.layers):
         raise RQError(f"{src} has MoE layers {list(layout.layers)}, the profile {list(source.layers)}")
     names = [layout.source_scheme, *[s for s in schemes if s != layout.source_scheme]]
     nbytes = torch.tensor([layout.num_experts * layout.expert_bytes(s) for s in names], dtype=torch.int64)
-    return nbytes, names
+    return nbytes, names, serving_names(ckpt, family)
+
+
+_PER_EXPERT_WEIGHT = re.compile(r"\.experts\.\d+\.(?P<proj>[A-Za-z0-9_]+)\.weight$")
+
+
+def serving_names(ckpt, family):
+    """``precision.ServingNames`` of a checkpoint, from its keys: the family says which keys are
+    routed experts; per-expert ``…experts.<e>.<proj>.weight`` keys give the containers and the
+    projection names, every other 2-D ``….weight`` an ``other_linear`` module. Raises RQError for
+    experts stored fused (``experts.gate_up_proj [E, …]``): compressed-tensors quantizes Linear
+    modules, one per expert projection."""
+    from .precision import ServingNames
+
+    experts, projections, other = {}, set(), set()
+    for key, info in ckpt.tensors.items():
+        ek = family.parse_expert_key(key)
+        if ek is None:
+            if key.endswith(".weight") and len(info.shape) == 2:
+                other.add(key[: -len(".weight")])
+            continue
+        m = _PER_EXPERT_WEIGHT.search(key)
+        if ek.expert is None or m is None:
+            if ek.expert is None:
+                raise RQError(f"{ckpt.path}: experts are stored fused ({key}); a compressed-tensors config targets "
+                              "one Linear per expert projection, so --per-layer-precision cannot describe them")
+            continue  # a bias
+        container = key[: m.start()] + ".experts"
+        if experts.setdefault(ek.layer, container) != container:
+            raise RQError(f"{ckpt.path}: MoE layer {ek.layer} has experts under {experts[ek.layer]} and {container}")
+        projections.add(m["proj"])
+    return ServingNames(dict(sorted(experts.items())), tuple(sorted(projections)), tuple(sorted(other)))
 
 
 def _engine_file(d: dict) -> bool:

@@ -23,6 +23,13 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_import_failed(e: ImportError) -> RQError:
+    """The error of a Triton kernel module that does not import (triton found but broken, or a
+    bundled model directory running without it). Triton kernel imports sit in ``try`` blocks:
+    the model-directory bundle (``rq_tool.runtime.bundle``) treats them as optional."""
+    return RQError(f"the Triton kernels cannot be imported ({e})", hint="use RQ_KERNEL=torch")
+
+
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -32,8 +39,11 @@ def interpreter_usable() -> bool:
     helpers such as ``tl.zeros`` were compiled for a GPU and the interpreter fails inside them)."""
     if not interpreter_enabled():
         return False
-    import triton.language.standard as std
-    from triton.runtime.interpreter import InterpretedFunction
+    try:
+        import triton.language.standard as std
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
 
     return isinstance(std.zeros, InterpretedFunction)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import resolve_impl
+from .backend import resolve_impl, triton_import_failed
 from .split import occurrence_ranks
 from .types import Dispatch
 
@@ -83,7 +83,10 @@ def replica_dispatch(
     Triton experts kernel needs ``block_size`` a power of two >= 16. ``impl``: see ``backend``.
     """
     if resolve_impl(impl, topk_ids.is_cuda) == "triton":
-        from .dispatch_triton import replica_dispatch_triton
+        try:  # optional: triton (resolve_impl checked it is installed); a bundled model runs without it
+            from .dispatch_triton import replica_dispatch_triton
+        except ImportError as e:
+            raise triton_import_failed(e) from None
 
         _check(topk_ids, log2phy, logcnt, num_slots, block_size)
         return replica_dispatch_triton(topk_ids, log2phy, logcnt, num_slots, block_size)

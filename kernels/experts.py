@@ -6,7 +6,9 @@ Both implementations take the :class:`Dispatch` of the batch (its ``sorted_ids``
 permutation that groups pairs by slot) and a layer's :class:`SlotWeights`; they accumulate the
 weighted sum in fp32 and return ``x.dtype``. Quantized slots are dequantized to the compute dtype
 (``x.dtype``): the reference does it per slot per call (nothing cached: the memory saving of a
-quantized slot is the point), the Triton path fuses int8 dequantization into the matmul.
+quantized slot is the point), the Triton path fuses int8 dequantization into the matmul, and the
+CPU path (``experts_cpu``) computes int8 slots with weight-only int8 matmuls and dequantizes
+only the nf4 slots a batch uses.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rq_tool.arch.activation import activation_fn, grouped_expert_forward
+from rq_tool.arch.activation import activation_fn
 
-from .backend import resolve_impl
+from .backend import resolve_impl, triton_import_failed
+from .experts_cpu import moe_experts_cpu
 from .types import Dispatch, SlotWeights
 
 
@@ -59,20 +62,11 @@ def moe_experts_reference(
 def moe_experts_grouped(
     x: torch.Tensor, topk_weights: torch.Tensor, dispatch: Dispatch, weights: SlotWeights
 ) -> torch.Tensor:
-    """The torch path the CPU runtime runs: the reference's math with one grouped matmul per
-    projection over all slots (quantized slots dequantized for the call, nothing cached)."""
+    """The torch path the CPU runtime runs (``experts_cpu``): the reference's math, scheme group by
+    scheme group, computing only the slots the batch uses (int8 with weight-only int8 matmuls,
+    nf4 dequantized for the call, nothing cached)."""
     _check(x, topk_weights, dispatch, weights)
-    T, K = dispatch.phy_ids.shape
-    N, dtype = T * K, x.dtype
-    gate_up, down = weights.dense(dtype)
-    pairs = dispatch.sorted_ids[dispatch.sorted_ids < N]
-    counts = dispatch.slot_counts.tolist()
-    gu_bias = None if weights.gate_up_bias is None else weights.gate_up_bias.to(dtype)
-    dn_bias = None if weights.down_bias is None else weights.down_bias.to(dtype)
-    y = grouped_expert_forward(x[pairs // K], counts, gate_up, down, weights.act, gu_bias, dn_bias)
-    out = torch.empty(N, weights.hidden_size, dtype=torch.float32, device=x.device)
-    out[pairs] = y.float() * topk_weights.reshape(-1).float()[pairs, None]
-    return out.view(T, K, weights.hidden_size).sum(1).to(dtype)
+    return moe_experts_cpu(x, topk_weights, dispatch.phy_ids, weights)
 
 
 def moe_experts(
@@ -89,7 +83,10 @@ def moe_experts(
     (glu:silu / gelu / gelu_pytorch_tanh / relu, gptoss).
     """
     if resolve_impl(impl, x.is_cuda) == "triton":
-        from .experts_triton import moe_experts_triton
+        try:  # optional: triton (resolve_impl checked it is installed); a bundled model runs without it
+            from .experts_triton import moe_experts_triton
+        except ImportError as e:
+            raise triton_import_failed(e) from None
 
         _check(x, topk_weights, dispatch, weights)
         return moe_experts_triton(x, topk_weights, dispatch, weights)

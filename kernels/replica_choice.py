@@ -24,7 +24,7 @@ import torch
 
 from rq_tool import defaults
 
-from .backend import resolve_impl
+from .backend import resolve_impl, triton_import_failed
 from .split import assign_slots, load_aware_split, occurrence_ranks
 
 KERNEL_POLICY = {defaults.SPLIT_POLICY: "round-robin", defaults.LOAD_AWARE_POLICY: "load-aware"}
@@ -68,7 +68,10 @@ def choose_slots(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Te
     mine = torch.bincount(flat, minlength=E)
     step = mine if single else step_counts
     if resolve_impl(impl, topk_ids.is_cuda) == "triton":
-        from .split_triton import assign_slots_triton, load_aware_split_triton
+        try:  # optional: triton (resolve_impl checked it is installed); a bundled model runs without it
+            from .split_triton import assign_slots_triton, load_aware_split_triton
+        except ImportError as e:
+            raise triton_import_failed(e) from None
 
         slot_counts = load_aware_split_triton(step.view(1, E), log2phy, logcnt, slot_device, num_devices)[0]
         if not single:

@@ -298,6 +298,25 @@ def _cached_documents(domain: str) -> tuple[str, ...]:
     return tuple(_SOURCES[domain]())
 
 
+# Debian packages each domain reads (none: always available).
+DOMAIN_PACKAGES: dict[str, tuple[str, ...]] = {
+    "code": (), "prose": ("bible-kjv-text", "bible-kjv"), "docs": ("manpages",), "math": (),
+    "c_headers": ("libc6-dev",),
+}
+
+
+def missing_packages(domain: str) -> tuple[str, ...]:
+    """The Debian packages ``domain`` needs that this machine lacks (``()`` when it is readable)."""
+    if domain not in _SOURCES:
+        raise RQError(f"unknown corpus domain {domain!r} (known: {', '.join(_SOURCES)})")
+    present = {
+        "prose": lambda: _KJV_DATA.exists() and (shutil.which("bible") or Path("/usr/bin/bible").exists()),
+        "docs": _MANPAGES_LIST.exists,
+        "c_headers": lambda: any(Path("/usr/include").glob("*.h")),
+    }.get(domain)
+    return () if present is None or present() else DOMAIN_PACKAGES[domain]
+
+
 def domain_documents(domain: str) -> list[str]:
     """All documents of ``domain`` in a deterministic order (raises RQError if not installed)."""
     if domain not in _SOURCES:

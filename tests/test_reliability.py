@@ -452,12 +452,14 @@ def test_pickle_beside_safetensors_is_never_read(tiny, tmp_path, no_unpickling):
 
 
 def test_runtime_code_is_rqs_own_and_hashed(tiny):
-    from rq_tool.runtime.hf import REMOTE_CODE
+    from rq_tool.runtime.bundle import bundle_files
 
     out = tiny / "out"
-    code = (out / defaults.REMOTE_CODE_FILE).read_bytes()
-    assert code == REMOTE_CODE.encode()
-    assert manifest(out)["files"][defaults.REMOTE_CODE_FILE]["sha256"] == hashlib.sha256(code).hexdigest()
-    assert [p.name for p in out.glob("*.py")] == [defaults.REMOTE_CODE_FILE]  # no other code shipped
+    files = bundle_files()
+    assert sorted(p.name for p in out.glob("*.py")) == sorted(files)  # exactly the bundled runtime, no other code
+    for name, text in files.items():
+        code = (out / name).read_bytes()
+        assert code == text.encode()
+        assert manifest(out)["files"][name]["sha256"] == hashlib.sha256(code).hexdigest()
     auto_map = json.loads((out / "config.json").read_text())["auto_map"]
     assert all(v.startswith("modeling_rq.") for v in auto_map.values())

@@ -151,7 +151,8 @@ def test_loading_without_trust_remote_code_fails_loudly(calibrated, tmp_path):
 
     root, prof = calibrated("olmoe")
     rewrite(root / "src", prof, tmp_path / "out", progress=False)
-    with pytest.raises(Exception, match="(?i)trust_remote_code|remote code"):
+    # the base class rejects the rewritten directory's experts_implementation "rq"
+    with pytest.raises(Exception, match="(?i)trust_remote_code|remote code|experts_implementation"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=False)
 
 

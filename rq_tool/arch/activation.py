@@ -60,7 +60,7 @@ def expert_forward(
     return F.linear(activation_fn(act)(h), down, down_bias)
 
 
-def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: torch.Tensor,
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: torch.Tensor,
                     bias: torch.Tensor | None) -> torch.Tensor:
     """``x [S, in]`` sorted by group, ``w [G, out, in]``, ``counts [G]`` -> ``[S, out]``."""
     gm = getattr(F, "grouped_mm", None)
@@ -92,5 +92,5 @@ def grouped_expert_forward(
     expert; ``gate_up [E, 2I, H]``, ``down [E, H, I]`` -> unweighted outputs ``[S, H]``.
     """
     offs = torch.tensor(counts, device=x_sorted.device).cumsum(0).to(torch.int32)
-    h = _grouped_linear(x_sorted, gate_up, counts, offs, gate_up_bias)
-    return _grouped_linear(activation_fn(act)(h), down, counts, offs, down_bias)
+    h = grouped_linear(x_sorted, gate_up, counts, offs, gate_up_bias)
+    return grouped_linear(activation_fn(act)(h), down, counts, offs, down_bias)

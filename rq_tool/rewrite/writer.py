@@ -151,10 +151,10 @@ def _write_metadata(src: Path, tmp: Path, config_dict: dict, rmap: RoutingMap, p
     for p in sorted(src.iterdir()):
         if p.is_file() and p.suffix in _COPY_SUFFIXES and p.name not in _NEVER_COPY and not p.name.startswith("."):
             shutil.copyfile(p, tmp / p.name)
-    from ..runtime.hf import REMOTE_CODE
+    from ..runtime.bundle import write_bundle
     from ..runtime.integrity import header_fingerprint
 
-    (tmp / defaults.REMOTE_CODE_FILE).write_text(REMOTE_CODE)
+    write_bundle(tmp)  # the runtime the directory needs, so it loads where rq-tool is not installed
     rq_section = {
         "format": defaults.RQ_CONFIG_FORMAT[0],
         "version": defaults.RQ_CONFIG_FORMAT[1],
@@ -172,7 +172,10 @@ def _write_metadata(src: Path, tmp: Path, config_dict: dict, rmap: RoutingMap, p
     qc = new.pop("quantization_config", None)
     if qc is not None:
         rq_section["source_quantization"] = qc
-    new["model_type"] = "rq"
+    # the base model_type stays, so AutoTokenizer / AutoConfig read the directory without remote
+    # code; the base class rejects experts_implementation "rq", so loading the model without
+    # trust_remote_code fails instead of building it with missing experts
+    new["experts_implementation"] = "rq"
     new["architectures"] = ["RQForCausalLM"]
     new["auto_map"] = {"AutoConfig": "modeling_rq.RQConfig", "AutoModelForCausalLM": "modeling_rq.RQForCausalLM"}
     new["rq"] = rq_section

@@ -22,6 +22,12 @@ Split policy ``load-aware`` (a map with a placement): per batch, expert counts -
 split over the replicas' devices -> per-token slot (``rq_tool.kernels.replica_choice``).
 Expert parallelism (``runtime/ep.py``) builds the module with ``slots``: only those slots are
 materialised (parameters of that many rows); routing still sees the whole layer map.
+
+On the torch (CPU) path, replicas whose stored tensors are identical are computed as one slot
+(``kernels.experts_cpu.identical_slots``; same numbers, the split only matters across devices), so
+a layer whose replicas are all exact copies skips the dispatch unless it counts loads.
+``cache_dequantized = True`` keeps dequantized quantized slots after first use (faster, and costs
+their float bytes: see ``kernels.experts_cpu.DequantCache``); off by default.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ import torch
 from torch import nn
 
 from .. import defaults
-from ..kernels import SlotWeights, moe_experts, replica_dispatch
+from ..kernels import SlotWeights, moe_experts, replica_dispatch, resolve_impl
 from ..kernels.dispatch import dispatch_from_phy
+from ..kernels.experts_cpu import DequantCache, identical_slots, moe_experts_cpu
 from ..kernels.replica_choice import choose_slots
 from ..kernels.slots import group_shapes as slot_tensor_shapes
 from .routing_map import LayerMap
@@ -77,6 +84,7 @@ class RQExperts(nn.Module):
             raise ValueError(f"layer {self.layer}: split policy {split_policy!r} needs the map's slot_device")
         self.register_buffer("slot_load", torch.zeros(self.num_slots, dtype=torch.int64, device=device), persistent=False)
         self.count_load = False
+        self.cache_dequantized = False
         for g, scheme in enumerate(self.schemes):
             n = int((slot_scheme == g).sum())
             for name, shape in slot_tensor_shapes(scheme, n, hidden_size, intermediate_size).items():
@@ -111,7 +119,27 @@ class RQExperts(nn.Module):
         if cached is None or cached[0] != key:
             cached = (key, self._build_slot_weights())
             self.__dict__["_slot_weights"] = cached
+            self.__dict__.pop("_compute_plan", None)
+            self.__dict__["_dequant_cache"] = DequantCache()
         return cached[1]
+
+    def _cpu_plan(self, weights: SlotWeights) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``compute_slot [P]`` (identical replicas share one) and, when every expert's replicas
+        are identical, ``log2c [E]`` (the one compute slot of each logical expert), else None."""
+        plan = self.__dict__.get("_compute_plan")
+        if plan is None:
+            compute = identical_slots(weights, self.phy2log)
+            log2c = compute[self.log2phy[:, 0]]
+            valid = self.log2phy >= 0
+            same = (compute[self.log2phy.clamp(min=0)] == log2c[:, None]) | ~valid
+            plan = self.__dict__["_compute_plan"] = (compute, log2c if bool(same.all()) else None)
+        return plan
+
+    @property
+    def dequant_cache_bytes(self) -> int:
+        """Bytes the opt-in dequantized-slot cache holds now (0 when ``cache_dequantized`` is off)."""
+        cache = self.__dict__.get("_dequant_cache")
+        return 0 if cache is None else cache.nbytes
 
     def _build_slot_weights(self) -> SlotWeights:
         groups = []
@@ -139,14 +167,33 @@ class RQExperts(nn.Module):
         if self.checkpoint_rows:
             raise RuntimeError(f"layer {self.layer}: holds {self.local_slots.numel()} of {self.num_slots} slots; "
                                "it runs only through its expert-parallel forward (rq_tool.runtime.ep)")
-        if self.split_policy == defaults.SPLIT_POLICY:
-            dispatch = replica_dispatch(top_k_index, self.log2phy, self.logcnt, self.num_slots)
-        else:
-            dispatch = dispatch_from_phy(self.choose_slots(top_k_index), self.num_slots)
+        x = hidden_states.reshape(-1, shape[-1])
+        if resolve_impl(None, x.is_cuda) == "torch":
+            return self._forward_cpu(x, top_k_index, top_k_weights).view(shape)
+        dispatch = self._dispatch(top_k_index)
         if self.count_load:
             self.slot_load += dispatch.slot_counts.to(self.slot_load.device)
-        out = moe_experts(hidden_states.reshape(-1, shape[-1]), top_k_weights, dispatch, self.slot_weights())
-        return out.view(shape)
+        return moe_experts(x, top_k_weights, dispatch, self.slot_weights()).view(shape)
+
+    def _dispatch(self, top_k_index: torch.Tensor):
+        """The batch's Dispatch under the layer's split policy."""
+        if self.split_policy == defaults.SPLIT_POLICY:
+            return replica_dispatch(top_k_index, self.log2phy, self.logcnt, self.num_slots)
+        return dispatch_from_phy(self.choose_slots(top_k_index), self.num_slots)
+
+    def _forward_cpu(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """``x [T, H]`` on the torch path: identical replicas merged, only used slots computed."""
+        weights = self.slot_weights()
+        compute, log2c = self._cpu_plan(weights)
+        if log2c is not None and not self.count_load:
+            slot_ids = log2c[top_k_index]  # every expert's replicas are copies: no split to make
+        else:
+            dispatch = self._dispatch(top_k_index)
+            if self.count_load:
+                self.slot_load += dispatch.slot_counts.to(self.slot_load.device)
+            slot_ids = compute[dispatch.phy_ids]
+        cache = self.__dict__["_dequant_cache"] if self.cache_dequantized else None
+        return moe_experts_cpu(x, top_k_weights, slot_ids, weights, cache)
 
     def extra_repr(self) -> str:
         local = "" if self.local_slots.numel() == self.num_slots else f", materialised={self.local_slots.numel()}"

@@ -1,10 +1,13 @@
 """Loading a rewritten model: ``rq_tool.load(path)`` and the transformers remote-code entry.
 
-A rewritten directory's config.json has ``model_type: "rq"``, an ``rq`` section (base model
-type, routing map) and an ``auto_map`` pointing at ``modeling_rq.py``, which only re-exports the
-two classes below. So ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`` and
-``pipeline(..., trust_remote_code=True)`` load it, and loading *without* trusting remote code
-fails loudly instead of silently building the base model with missing experts.
+A rewritten directory's config.json keeps the base ``model_type`` (so ``AutoTokenizer`` and
+``AutoConfig`` read it without remote code), adds an ``rq`` section (base model type, routing
+map), ``experts_implementation: "rq"`` and an ``auto_map`` pointing at ``modeling_rq.py``, the
+entry of the runtime bundled beside it (``bundle.py``: this module and what it imports, torch +
+transformers only). So ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`` and
+``pipeline(..., trust_remote_code=True)`` load it without rq-tool installed, and loading *without*
+trusting remote code fails loudly (the base class rejects ``experts_implementation="rq"``) instead
+of silently building the base model with missing experts.
 
 The model is the base family's own CausalLM class (generation, pipelines and caches unchanged)
 with every MoE block's experts module replaced by ``RQExperts``.
@@ -19,7 +22,6 @@ import torch
 from safetensors import safe_open
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .. import __version__
 from ..arch import get_family
 from ..checkpoint import SafetensorsCheckpoint
 from ..errors import RQError
@@ -27,21 +29,18 @@ from . import integrity
 from .experts import RQExperts
 from .model_dir import base_config, read_rq_config, read_rq_model  # noqa: F401 (read_rq_config: API)
 
-REMOTE_CODE = f'''"""rq runtime entry point (written by rq-tool {__version__}); loading needs `pip install rq-tool`."""
-
-from rq_tool.runtime.hf import RQConfig, RQForCausalLM  # noqa: F401
-'''
-
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load(path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None, *,
-         ep_size: int | None = None, distributed_config=None):
+         ep_size: int | None = None, distributed_config=None, cache_dequantized: bool = False):
     """Load a rewritten model directory as the base family's CausalLM with RQ experts.
 
     ``ep_size`` / ``distributed_config`` (a transformers ``DistributedConfig``; under torchrun):
     expert parallel on transformers' machinery, each rank holding the slots the routing map's
-    placement gives it (``rq_tool.runtime.ep``).
+    placement gives it (``rq_tool.runtime.ep``). ``cache_dequantized``: on the CPU path keep each
+    quantized slot's dequantized weights after its first use (faster nf4, but the cached slots then
+    cost their float bytes; off by default).
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.initialization import no_init_weights
@@ -78,6 +77,7 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
         block.experts = RQExperts(rmap.layer(layer), H, inter, rmap.activation, has_bias="down_bias" in canon,
                                   bias_dtype=compute_dtype, split_policy=rmap.split_policy,
                                   num_devices=rmap.num_devices, slots=None if ep is None else ep.slots(rmap.layer(layer)))
+        block.experts.cache_dequantized = cache_dequantized
     _load_weights(model, path, compute_dtype, ckpt.shards, _checkpoint_rows(model), md.rq.get("source_quantization"))
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
@@ -144,6 +144,8 @@ def _load_weights(model, path: Path, compute_dtype: torch.dtype, shards: list[Pa
                                       f"{tuple(ref.shape)}")
                     if t.is_floating_point() and not key.endswith(("_scale", "_absmax")):
                         t = t.to(compute_dtype)
+                    elif not t.is_floating_point() and t.data_ptr() % 64:
+                        t = t.clone()  # safetensors may hand out unaligned int8 data; CPU int8 kernels need it aligned
                     chunk[key] = t
         except RQError:
             raise
@@ -203,7 +205,33 @@ class RQForCausalLM(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=None, torch_dtype=None, device_map=None,
-                        distributed_config=None, **kwargs):
-        device = device_map if isinstance(device_map, (str, torch.device)) and device_map != "auto" else None
-        return load(pretrained_model_name_or_path, dtype=dtype if dtype is not None else torch_dtype, device=device,
-                    distributed_config=distributed_config)
+                        distributed_config=None, cache_dequantized=False, **kwargs):
+        return load(pretrained_model_name_or_path, dtype=dtype if dtype is not None else torch_dtype,
+                    device=single_device(device_map), distributed_config=distributed_config,
+                    cache_dequantized=bool(cache_dequantized))
+
+
+def single_device(device_map) -> torch.device | None:
+    """The one device a transformers ``device_map`` names (None: leave the model on CPU).
+
+    Accepts a device string / ``torch.device`` / CUDA index, ``"auto"`` (the first CUDA device if
+    any, else CPU) and a dict whose values all name one device (e.g. ``{"": 0}``); a map over
+    several devices is an RQError (the rq runtime does not split layers across devices; expert
+    parallelism goes through ``distributed_config``).
+    """
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        devices = {torch.device(f"cuda:{v}" if isinstance(v, int) else v) for v in device_map.values()}
+        if len(devices) != 1:
+            raise RQError(f"device_map spreads the model over {sorted(map(str, devices))}; an rq-rewritten model "
+                          "loads on one device", hint='pass one device, e.g. device_map="cuda:0" or device_map="cpu"')
+        return devices.pop()
+    if device_map == "auto":
+        return torch.device("cuda:0") if torch.cuda.is_available() else None
+    if isinstance(device_map, int):
+        return torch.device(f"cuda:{device_map}")
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise RQError(f"device_map={device_map!r} is not a device") from None

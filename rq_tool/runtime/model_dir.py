@@ -58,7 +58,9 @@ def read_rq_model(path) -> RQModelDir:
     return RQModelDir(path, d, d["rq"], rmap)
 
 
-_NOT_BASE_KEYS = ("model_type", "auto_map", "architectures")
+# "experts_implementation": "rq" in config.json makes the base class refuse the directory (loading it
+# without trust_remote_code fails loudly); the rq runtime builds the base model without it
+_NOT_BASE_KEYS = ("model_type", "auto_map", "architectures", "experts_implementation")
 
 
 def base_config(d: dict):

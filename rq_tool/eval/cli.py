@@ -93,7 +93,10 @@ def json_safe(v):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars (they are drawn on stderr, only on a terminal).")
 def eval_cmd(original, rewritten, datasets, dataset_config, split, text_field, max_tokens, seq_len, batch_size, weights,
              devices, laser, laser_eps_high, laser_t_fix, laser_candidates, out_path, force, as_json, quiet):
-    """Compare REWRITTEN with ORIGINAL on held-out data: perplexity, accuracy, LIS, bytes, simulated EP."""
+    """Compare REWRITTEN with ORIGINAL: perplexity, accuracy, LIS, bytes, simulated EP.
+
+    Scores --dataset data, or by default the data REWRITTEN was calibrated on (its unused texts; the
+    first output line says which data and whether it is held out or in-sample)."""
     from ..routing_policy import LaserConfig
     from .baselines import markdown_table
     from .run import data_text, detail_text, evaluate, per_step_text

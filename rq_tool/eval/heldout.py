@@ -12,7 +12,7 @@ Without, the data the plan was made for, read from the profile (``calibration.so
   not use (``rq_tool.calibrate.data.split_used``) -- held out; when too few are left for one
   window (or the profile does not say which were used), the calibration texts themselves,
   marked in-sample (``held_out = False``) so no number is passed off as held-out.
-- no profile at all: the bundled corpus's held-out split, said to be unrelated to the plan.
+- no profile at all: the bundled corpus's held-out split, said to be of unknown relation to the plan.
 
 Texts are packed in order by ``rq_tool.eval.perplexity.pack_tokens`` into ``[N, S]`` windows.
 """
@@ -92,7 +92,8 @@ def load_heldout(tokenizer, datasets=(), *, seq_len: int = defaults.HELDOUT_SEQ_
         return _given(tokenizer, tuple(datasets), seq_len, max_tokens, calibration_sha256, config, split, text_field)
     if calibration is None:
         return _corpus(tokenizer, seq_len, max_tokens, None,
-                       "the bundled corpus's held-out split: no profile, so unrelated to the plan's calibration data")
+                       "the bundled corpus's held-out split (no profile given: how it relates to the plan's "
+                       "calibration data is unknown)")
     return _from_calibration(tokenizer, calibration, src, seq_len, max_tokens)
 
 

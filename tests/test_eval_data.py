@@ -271,3 +271,20 @@ def test_cli_eval_bad_data_options_one_line(tiny, folders, tmp_path):
         assert r.exit_code == 2 and len(lines) == 1 and msg in lines[0], r.output
     with pytest.raises(RQError, match="contradicts"):  # checked before any hub access
         load_texts("some/name:en:train", config="fr")
+
+
+def test_bundled_set_without_the_corpus_falls_back_to_its_unused_texts(tiny, monkeypatch):
+    root, _ = tiny
+    from rq_tool import corpus
+
+    def missing(d):
+        raise RQError("corpus 'prose' is not installed on this machine")
+
+    monkeypatch.setattr(corpus, "heldout_texts", missing)
+    tok = load_tokenizer(root / "src")
+    _, texts = load_texts("math")
+    cal = {"dataset": "math", "sha256": texts_sha256(texts), "seed": 0, "texts_used": 10,
+           "source": {"kind": "bundled", "spec": "math", "path": None}}
+    ho = load_heldout(tok, calibration=cal, seq_len=SEQ, max_tokens=TOKENS)
+    _, unused = split_used(texts, 0, 10)
+    assert ho.held_out and list(ho.domains) == ["math"] and ho.sha256["math"] == texts_sha256(unused)

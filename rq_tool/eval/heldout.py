@@ -7,7 +7,7 @@ Without, the data the plan was made for, read from the profile (``calibration.so
 
 - a bundled set (``mix``, ``code``...): the bundled corpus's held-out split (``rq_tool.corpus``)
   of the set's domains plus every unseen domain (never trained on, reported apart) -- the same
-  domains, none of the set's texts;
+  domains, none of the set's texts (where the corpus cannot be read, as for any other source);
 - any other source (a file, a dataset folder, a datasets name): its texts that calibration did
   not use (``rq_tool.calibrate.data.split_used``) -- held out; when too few are left for one
   window (or the profile does not say which were used), the calibration texts themselves,
@@ -139,9 +139,12 @@ def _from_calibration(tokenizer, cal: dict, src: dict | None, seq_len: int, max_
     kind = src.get("kind") if src else source_kind(spec)
     if kind == "bundled":
         only = spec if spec in corpus.DOMAINS else None
-        return _corpus(tokenizer, seq_len, max_tokens, only,
-                       f"the bundled corpus's held-out split for the domains of the bundled calibration set {spec!r} "
-                       "(none of its texts)")
+        try:
+            return _corpus(tokenizer, seq_len, max_tokens, only,
+                           f"the bundled corpus's held-out split for the domains of the bundled calibration set "
+                           f"{spec!r} (none of its texts)")
+        except RQError:  # the corpus's Debian packages are missing here: the set's own unused texts
+            pass
     hint = "pass --dataset with held-out data like the calibration's"
     if src is None and not Path(spec).exists():
         raise RQError(f"the profile does not record where its calibration data {name!r} is (written before rq "

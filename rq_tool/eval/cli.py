@@ -129,12 +129,13 @@ def eval_cmd(original, rewritten, datasets, dataset_config, split, text_field, m
 @click.command("report")
 @click.argument("profile", type=click.Path())
 @click.option("--compare", "rewritten", type=click.Path(file_okay=False), default=None,
-              help="A rewritten model directory: adds its per-slot (predicted) load heatmap and LIS after.")
+              help="A rewritten model directory: adds its predicted load heatmap (each expert's heaviest slot, on "
+                   "the before plot's colour scale) and LIS after.")
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), required=True, help="Directory for the PNGs.")
 @click.option("--force", is_flag=True, help="Replace an existing report folder written by rq report (never any "
               "other folder).")
 def report(profile, rewritten, out_dir, force):
-    """PNG heatmaps of load per layer x expert (and per slot with --compare) and an LIS-per-layer chart."""
+    """PNG heatmaps of load per layer x expert (before, and after with --compare) and an LIS-per-layer chart."""
     from .report import write_report
 
     for p in write_report(profile, out_dir, compare=rewritten, force=force):

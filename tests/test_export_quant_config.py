@@ -103,3 +103,15 @@ def test_fused_checkpoint_is_refused(tmp_path):
     path = save_tiny("gpt_oss", tmp_path / "g", dtype=torch.bfloat16)
     with pytest.raises(RQError, match="experts are stored fused"):
         serving_names(SafetensorsCheckpoint(path), get_family(load_config(path)))
+
+
+def test_int4_group_size_keeps_nf4_bytes():
+    """The budget is spent in rq's nf4 bytes; int4 in groups of 32 with 16-bit scales stores exactly
+    as many (4.5 bits per weight), and 32 is a group size SGLang's Triton MoE kernel takes."""
+    from rq_tool.quant import get_scheme
+
+    args = ENGINE_WEIGHT_SCHEMES["nf4"]
+    assert args["group_size"] in (32, 128) and args["num_bits"] == 4
+    for out_f, in_f in ((64, 32), (1536, 2048), (4096, 768)):
+        engine_bytes = out_f * in_f * args["num_bits"] // 8 + 2 * (out_f * in_f // args["group_size"])
+        assert engine_bytes == get_scheme("nf4").nbytes(out_f, in_f)

@@ -257,3 +257,34 @@ def test_expert_slot_share_is_the_heaviest_replica_on_the_before_scale():
     before = expert_slot_share(load, torch.arange(4), torch.ones(4, dtype=torch.int64))
     torch.testing.assert_close(before, 100 * load.double() / 20)  # one slot each: the load share
     assert (top <= before).all() and float(top.max()) == pytest.approx(100 * float(slot_loads(load, phy2log, logcnt).max()) / 20)
+
+
+def test_cli_eval_bad_data_options_one_line(tiny, folders, tmp_path):
+    root, _ = tiny
+    base = ["eval", str(root / "src"), str(root / "greedy"), "--seq-len", str(SEQ), "--max-tokens", str(TOKENS)]
+    for extra, msg in ((["--split", "validation"], "--split does not apply"),  # the calibration source is a file
+                       (["-d", str(folders[0] / "dd"), "--text-field", "nope"], "no column 'nope'"),
+                       (["-d", str(folders[0] / "pq"), "--split", "dev"], "no parquet files of split 'dev'"),
+                       (["--text-field", "x" * 300], "--text-field must be")):
+        r = CliRunner().invoke(main, [*base, *extra])
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1 and msg in lines[0], r.output
+    with pytest.raises(RQError, match="contradicts"):  # checked before any hub access
+        load_texts("some/name:en:train", config="fr")
+
+
+def test_bundled_set_without_the_corpus_falls_back_to_its_unused_texts(tiny, monkeypatch):
+    root, _ = tiny
+    from rq_tool import corpus
+
+    def missing(d):
+        raise RQError("corpus 'prose' is not installed on this machine")
+
+    monkeypatch.setattr(corpus, "heldout_texts", missing)
+    tok = load_tokenizer(root / "src")
+    _, texts = load_texts("math")
+    cal = {"dataset": "math", "sha256": texts_sha256(texts), "seed": 0, "texts_used": 10,
+           "source": {"kind": "bundled", "spec": "math", "path": None}}
+    ho = load_heldout(tok, calibration=cal, seq_len=SEQ, max_tokens=TOKENS)
+    _, unused = split_used(texts, 0, 10)
+    assert ho.held_out and list(ho.domains) == ["math"] and ho.sha256["math"] == texts_sha256(unused)

@@ -150,6 +150,39 @@ def test_vllm_eplb_config(profile_path, tmp_path):
     assert json.loads(out.read_text()) == cfg
 
 
+def test_flags_carry_the_parallel_size(profile_path, tmp_path):
+    """SGLang lays the EP group out inside TP (moe_tp_size = tp_size // ep_size: --ep-size 8 needs
+    --tp-size 8); vLLM's EP size is TP x DP and it refuses EPLB at TP = DP = 1."""
+    rep = json.loads(run("export", profile_path, "--engine", "sglang", "--ep-size", 4, "-o", tmp_path / "x.json",
+                         "--json").output)
+    assert rep["flags"][:2] == ["--tp-size 4", "--ep-size 4"]
+    rep = json.loads(run("export", profile_path, "--engine", "vllm", "--ep-size", 4, "--json").output)
+    assert rep["flags"][:2] == ["--tensor-parallel-size 4", "--enable-expert-parallel"]
+    assert any("TP x DP" in n for n in rep["notes"])
+    r = run("export", profile_path, "--engine", "vllm", "--ep-size", 1)
+    assert r.exit_code == 2 and "refuses --enable-eplb on one GPU" in r.output
+
+
+@pytest.mark.parametrize("model_type, engine, warned", [
+    ("qwen3_moe", "sglang", False), ("qwen3_moe", "vllm", False), ("mixtral", "sglang", True),
+    ("olmoe", "sglang", True), ("mixtral", "vllm", False), ("qwen2_moe", "vllm", True), ("olmoe", "vllm", True),
+    ("gpt_oss", "vllm", True), ("gpt_oss", "sglang", False), ("deepseek_v3", "vllm", False),
+    ("some_new_moe", "sglang", True)])
+def test_eplb_support_warning(tmp_path, model_type, engine, warned):
+    prof = make_profile(README_WEIGHT, [1, 3], 4)
+    prof.model["model_type"] = model_type
+    prof.save(tmp_path / "p.json")
+    r = run("export", tmp_path / "p.json", "--engine", engine, "--ep-size", 4, "-o", tmp_path / "o.json")
+    assert r.exit_code == 0, r.output
+    lines = [l for l in r.output.splitlines() if l.startswith("warning:")]
+    assert len(lines) == int(warned), r.output
+    if warned:
+        assert model_type in lines[0] and engine in lines[0]
+    rep = json.loads(run("export", tmp_path / "p.json", "--engine", engine, "--ep-size", 4, "-o", tmp_path / "o.json",
+                         "--force", "--json").output)
+    assert len(rep["warnings"]) == int(warned)
+
+
 # ---------------------------------------------------------------- bad inputs
 def test_bad_redundant_names_numbers_and_nearest():
     with pytest.raises(RQError, match=r"12 experts \+ 3 redundant = 15 .* 8 GPUs.*nearest valid --redundant: 4"):

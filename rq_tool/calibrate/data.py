@@ -18,7 +18,8 @@ import torch
 from .. import defaults
 from ..errors import RQError
 
-TEXT_COLUMNS = ("text", "content", "code", "document", "body")
+from . import folders
+from .folders import TEXT_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -76,14 +77,6 @@ def _texts_from_jsonl(path: Path, text_field: str | None = None) -> list[str]:
     return texts
 
 
-def _texts_from_dataset(ds, where: str, text_field: str | None = None) -> list[str]:
-    def is_text(c):
-        return getattr(ds.features.get(c), "dtype", None) in ("string", "large_string")
-
-    col = _pick_column(list(ds.column_names), is_text, where, text_field)
-    return [t for t in ds[col] if isinstance(t, str)]
-
-
 def _tags_from_jsonl(path: Path) -> list[str | None]:
     """Per text row of a JSONL file, its ``domain``/``source`` field (``defaults.TAG_FIELDS``) or None."""
     tags = []
@@ -127,9 +120,6 @@ def load_tags(spec: str, texts: list[str]) -> list[str] | None:
     return [spec] * len(texts)
 
 
-# split names a folder of parquet files may use (a folder or a file-name prefix, as on the hub)
-KNOWN_SPLITS = ("train", "validation", "valid", "dev", "test", "eval", "heldout")
-MAX_PARQUET_FILES = 4096
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # --dataset-config / --split
 
 
@@ -196,7 +186,7 @@ def load_texts(spec: str, *, config: str | None = None, split: str | None = None
         if kind == "jsonl":
             return path.name, _texts_from_jsonl(path, text_field)
         if kind == "parquet":
-            return path.name, _texts_from_parquet([path], str(path), text_field)
+            return path.name, folders.texts_from_parquet([path], str(path), text_field)
         if text_field is not None:
             raise RQError(f"--text-field does not apply to {spec!r} (a plain-text file: one document per blank-line "
                           "separated block)")
@@ -209,7 +199,7 @@ def load_texts(spec: str, *, config: str | None = None, split: str | None = None
     if kind == "saved-dataset":
         if config is not None:
             raise RQError(f"--dataset-config does not apply to {spec!r} (a save_to_disk folder holds one config)")
-        return name, _texts_from_dataset(_load_saved(path, split), spec, text_field)
+        return name, folders.texts_from_dataset(folders.load_saved(path, split), spec, text_field)
     if kind == "parquet-folder":
         root = path
         if config is not None:
@@ -217,7 +207,7 @@ def load_texts(spec: str, *, config: str | None = None, split: str | None = None
             if not root.is_dir():
                 subs = sorted(p.name for p in path.iterdir() if p.is_dir())[:20]
                 raise RQError(f"{spec}: no config folder {config!r} (subfolders: {', '.join(subs) or 'none'})")
-        return name, _texts_from_parquet(_parquet_split(root, split), spec, text_field)
+        return name, folders.texts_from_parquet(folders.parquet_split(root, split), spec, text_field)
     if kind == "folder":
         raise RQError(f"{spec}: a folder, but neither a datasets save_to_disk folder (dataset_info.json + state.json "
                       "or dataset_dict.json) nor a folder of .parquet files")
@@ -234,7 +224,7 @@ def load_texts(spec: str, *, config: str | None = None, split: str | None = None
     except Exception as e:
         raise RQError(f"cannot load dataset {spec!r} ({type(e).__name__}); bundled sets: {_bundled_names()}, "
                       "or pass a local .jsonl/.txt/.parquet file or dataset folder") from None
-    return spec if split == "train" or hub_split else f"{spec}:{split}", _texts_from_dataset(ds, spec, text_field)
+    return spec if split == "train" or hub_split else f"{spec}:{split}", folders.texts_from_dataset(ds, spec, text_field)
 
 
 def _no_options(spec: str, what: str, config: str | None, split: str | None) -> None:
@@ -242,110 +232,6 @@ def _no_options(spec: str, what: str, config: str | None, split: str | None) -> 
         if value is not None:
             raise RQError(f"{flag} does not apply to {spec!r} ({what}; splits and configs are for dataset folders "
                           "and datasets names)")
-
-
-def _load_saved(path: Path, split: str | None):
-    """A ``save_to_disk`` folder as one ``Dataset`` (a ``DatasetDict``'s ``split``, default ``train``
-    or its only split). Arrow files and JSON only: nothing is unpickled."""
-    import datasets
-
-    single = not (path / "dataset_dict.json").is_file()
-    if not single:
-        from ..errors import read_json
-
-        splits = read_json(path / "dataset_dict.json", f"{path}: no dataset_dict.json")
-        splits = splits.get("splits") if isinstance(splits, dict) else None
-        if not isinstance(splits, list) or not splits or not all(isinstance(s, str) for s in splits):
-            raise RQError(f"{path}/dataset_dict.json: malformed (expected a list of splits)")
-        if split is None:
-            split = "train" if "train" in splits or len(splits) != 1 else splits[0]
-        if split not in splits or not (path / split).is_dir():
-            raise RQError(f"{path}: no split {split!r} (splits: {', '.join(splits[:20])}); pass --split")
-        path = path / split
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:  # damaged folder: name it
-        raise RQError(f"{path}: cannot read the saved dataset ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(ds, datasets.Dataset):
-        raise RQError(f"{path}: not a saved Dataset ({type(ds).__name__})")
-    if single and split is not None and str(ds.split) != split:
-        has = "no splits" if ds.split is None else f"split {str(ds.split)!r}"
-        raise RQError(f"{path}: one saved dataset with {has}, not {split!r} (drop --split)")
-    return ds
-
-
-def _split_named(rel: Path) -> str | None:
-    """The split a parquet file's relative path names (a folder, or a file-name prefix), if any."""
-    for part in rel.parent.parts:
-        if part in KNOWN_SPLITS:
-            return part
-    m = re.match(r"([A-Za-z]+)(?:[-._0-9]|$)", rel.stem)
-    return m.group(1) if m and m.group(1) in KNOWN_SPLITS else None
-
-
-def _parquet_split(root: Path, split: str | None) -> list[Path]:
-    """The parquet files of ``root`` (recursively, sorted) in ``split``; default ``train``, the only
-    split named, or every file when none names a split."""
-    files = sorted(root.rglob("*.parquet"))
-    if not files:
-        raise RQError(f"{root}: no .parquet files")
-    if len(files) > MAX_PARQUET_FILES:
-        raise RQError(f"{root}: {len(files)} parquet files, more than rq reads ({MAX_PARQUET_FILES})")
-    rels = [f.relative_to(root) for f in files]
-    found = sorted({s for s in map(_split_named, rels) if s})
-    if split is None:
-        if not found:
-            return files
-        if "train" not in found and len(found) > 1:
-            raise RQError(f"{root}: parquet files of splits {', '.join(found)}; pass --split")
-        split = "train" if "train" in found else found[0]
-    chosen = [f for f, r in zip(files, rels)
-              if split in r.parent.parts or re.match(rf"{re.escape(split)}(?:[-._0-9]|$)", r.stem)]
-    if not chosen:
-        raise RQError(f"{root}: no parquet files of split {split!r} (splits named: {', '.join(found) or 'none'})")
-    return chosen
-
-
-def _pick_column(columns: list[str], is_text, where: str, text_field: str | None) -> str:
-    if text_field is not None:
-        if text_field not in columns:
-            raise RQError(f"{where}: no column {text_field!r} (--text-field; columns: {', '.join(columns[:30])})")
-        if not is_text(text_field):
-            raise RQError(f"{where}: column {text_field!r} does not hold text (--text-field)")
-        return text_field
-    col = next((c for c in TEXT_COLUMNS if c in columns and is_text(c)), None)
-    if col is None:
-        raise RQError(f"{where}: no text column (columns: {', '.join(columns[:30])}; expected one of "
-                      f"{', '.join(TEXT_COLUMNS)}, or pass --text-field)")
-    return col
-
-
-def _texts_from_parquet(files: list[Path], where: str, text_field: str | None) -> list[str]:
-    """The text column of parquet ``files`` (read with pyarrow: no cache written, nothing unpickled)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    texts: list[str] = []
-    col = None
-    for f in files:
-        try:
-            schema = pq.read_schema(f)
-            if col is None:
-                def is_text(c):
-                    t = schema.field(c).type
-                    return pa.types.is_string(t) or pa.types.is_large_string(t) or \
-                        getattr(pa.types, "is_string_view", lambda _: False)(t)
-
-                col = _pick_column(list(schema.names), is_text, where, text_field)
-            elif col not in schema.names:
-                raise RQError(f"{f}: no column {col!r} (the other parquet files of {where} have it)")
-            values = pq.read_table(f, columns=[col]).column(col).to_pylist()
-        except RQError:
-            raise
-        except Exception as e:  # corrupt parquet: name it
-            raise RQError(f"{f}: cannot read parquet ({type(e).__name__}: {str(e)[:200]})") from None
-        texts.extend(t for t in values if isinstance(t, str))
-    return texts
 
 
 def texts_sha256(texts: list[str]) -> str:

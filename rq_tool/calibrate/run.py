@@ -115,7 +115,8 @@ def profile_model(hf_model, family, data: CalibrationData, *, batch_size: int, s
     """
     ids = data.input_ids
     with torch.inference_mode(), ExpertRecorder(hf_model, family, schemes, quant_error) as rec:
-        bar = tqdm(total=ids.shape[0], desc="calibrating", unit="seq", disable=not progress, leave=False)
+        # disable=None: no bar when stderr is not a terminal (logs, pipes)
+        bar = tqdm(total=ids.shape[0], desc="calibrating", unit="seq", disable=None if progress else True, leave=False)
         for start in range(0, ids.shape[0], batch_size):
             batch = ids[start:start + batch_size]
             rec.batch_size = batch.shape[0]

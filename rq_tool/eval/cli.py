@@ -93,7 +93,10 @@ def json_safe(v):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars (they are drawn on stderr, only on a terminal).")
 def eval_cmd(original, rewritten, datasets, dataset_config, split, text_field, max_tokens, seq_len, batch_size, weights,
              devices, laser, laser_eps_high, laser_t_fix, laser_candidates, out_path, force, as_json, quiet):
-    """Compare REWRITTEN with ORIGINAL on held-out data: perplexity, accuracy, LIS, bytes, simulated EP."""
+    """Compare REWRITTEN with ORIGINAL: perplexity, accuracy, LIS, bytes, simulated EP.
+
+    Scores --dataset data, or by default the data REWRITTEN was calibrated on (its unused texts; the
+    first output line says which data and whether it is held out or in-sample)."""
     from ..routing_policy import LaserConfig
     from .baselines import markdown_table
     from .run import data_text, detail_text, evaluate, per_step_text
@@ -126,12 +129,13 @@ def eval_cmd(original, rewritten, datasets, dataset_config, split, text_field, m
 @click.command("report")
 @click.argument("profile", type=click.Path())
 @click.option("--compare", "rewritten", type=click.Path(file_okay=False), default=None,
-              help="A rewritten model directory: adds its per-slot (predicted) load heatmap and LIS after.")
+              help="A rewritten model directory: adds its predicted load heatmap (each expert's heaviest slot, on "
+                   "the before plot's colour scale) and LIS after.")
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), required=True, help="Directory for the PNGs.")
 @click.option("--force", is_flag=True, help="Replace an existing report folder written by rq report (never any "
               "other folder).")
 def report(profile, rewritten, out_dir, force):
-    """PNG heatmaps of load per layer x expert (and per slot with --compare) and an LIS-per-layer chart."""
+    """PNG heatmaps of load per layer x expert (before, and after with --compare) and an LIS-per-layer chart."""
     from .report import write_report
 
     for p in write_report(profile, out_dir, compare=rewritten, force=force):

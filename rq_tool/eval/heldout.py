@@ -7,12 +7,12 @@ Without, the data the plan was made for, read from the profile (``calibration.so
 
 - a bundled set (``mix``, ``code``...): the bundled corpus's held-out split (``rq_tool.corpus``)
   of the set's domains plus every unseen domain (never trained on, reported apart) -- the same
-  domains, none of the set's texts;
+  domains, none of the set's texts (where the corpus cannot be read, as for any other source);
 - any other source (a file, a dataset folder, a datasets name): its texts that calibration did
   not use (``rq_tool.calibrate.data.split_used``) -- held out; when too few are left for one
   window (or the profile does not say which were used), the calibration texts themselves,
   marked in-sample (``held_out = False``) so no number is passed off as held-out.
-- no profile at all: the bundled corpus's held-out split, said to be unrelated to the plan.
+- no profile at all: the bundled corpus's held-out split, said to be of unknown relation to the plan.
 
 Texts are packed in order by ``rq_tool.eval.perplexity.pack_tokens`` into ``[N, S]`` windows.
 """
@@ -92,7 +92,8 @@ def load_heldout(tokenizer, datasets=(), *, seq_len: int = defaults.HELDOUT_SEQ_
         return _given(tokenizer, tuple(datasets), seq_len, max_tokens, calibration_sha256, config, split, text_field)
     if calibration is None:
         return _corpus(tokenizer, seq_len, max_tokens, None,
-                       "the bundled corpus's held-out split: no profile, so unrelated to the plan's calibration data")
+                       "the bundled corpus's held-out split (no profile given: how it relates to the plan's "
+                       "calibration data is unknown)")
     return _from_calibration(tokenizer, calibration, src, seq_len, max_tokens)
 
 
@@ -138,9 +139,12 @@ def _from_calibration(tokenizer, cal: dict, src: dict | None, seq_len: int, max_
     kind = src.get("kind") if src else source_kind(spec)
     if kind == "bundled":
         only = spec if spec in corpus.DOMAINS else None
-        return _corpus(tokenizer, seq_len, max_tokens, only,
-                       f"the bundled corpus's held-out split for the domains of the bundled calibration set {spec!r} "
-                       "(none of its texts)")
+        try:
+            return _corpus(tokenizer, seq_len, max_tokens, only,
+                           f"the bundled corpus's held-out split for the domains of the bundled calibration set "
+                           f"{spec!r} (none of its texts)")
+        except RQError:  # the corpus's Debian packages are missing here: the set's own unused texts
+            pass
     hint = "pass --dataset with held-out data like the calibration's"
     if src is None and not Path(spec).exists():
         raise RQError(f"the profile does not record where its calibration data {name!r} is (written before rq "

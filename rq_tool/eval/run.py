@@ -67,7 +67,6 @@ def per_step_section(src, rewritten: Path, heldout, batch_size: int, progress: b
     ``defaults.STEP_COUNTS`` sequences per step, both split policies, mixed and single-domain steps.
     ``None`` when the map has no placement."""
     import json
-    import sys
 
     import torch
 
@@ -88,7 +87,7 @@ def per_step_section(src, rewritten: Path, heldout, batch_size: int, progress: b
     loads = {}
     for name, ids in heldout.domains.items():
         _, seq = profile_model(model, family, CalibrationData(name, "", ids, 0), batch_size=batch_size,
-                               quant_error=False, progress=progress and sys.stderr.isatty(), return_seq_loads=True)
+                               quant_error=False, progress=progress, return_seq_loads=True)
         loads[name] = seq
     G, L, E = rmap.num_devices, len(rmap.layers), rmap.num_experts
     pad = torch.nn.utils.rnn.pad_sequence

@@ -150,3 +150,17 @@ def test_rq_plan_bad_inputs_one_line_exit_2(tmp_path, content, match):
     r = CliRunner().invoke(main, ["plan", str(src), "--ep-size", "2", "--out", str(tmp_path / "o.json")])
     assert r.exit_code == 2 and match in r.output and r.output.count("\n") == 1
     assert not (tmp_path / "o.json").exists()
+
+
+def test_tight_fill_reaches_a_lower_level_with_two_slots_per_device():
+    # E=64 on G=64 devices, 128 slots: two slots a device. The plain level fill stacks cold experts
+    # and leaves the hot ones no slots (level ~1.05); the tight fill keeps one unsplit expert per
+    # device and wraps the split ones through the slots left (level near 1.0).
+    E, G, P = 64, 64, 128
+    w = (1.0 / torch.arange(1, E + 1, dtype=torch.float64))[torch.randperm(E, generator=torch.Generator().manual_seed(0))]
+    _, _, plain, ok0 = fill_layout(w[None] * 1e6, torch.tensor([P]), G, fill_all=True)
+    phy, dev, level, ok = fill_layout(w[None] * 1e6, torch.tensor([P]), G, fill_all=True, tight=True)
+    assert bool(ok0) and bool(ok) and torch.equal(phy[0, :E], torch.arange(E))
+    assert torch.equal(torch.bincount(dev[0], minlength=G), torch.full((G,), P // G))
+    assert (phy[0] * G + dev[0]).unique().numel() == P, "copies of one expert share a device"
+    assert float(level) <= 1.01 < float(plain)

@@ -14,6 +14,8 @@ run with. Candidates (replicas and devices chosen jointly, ``rq_tool.plan.layout
 - ``pinned``: the original layout's experts where they are, plus copies into the room left (with
   load-aware dispatch never busier than the original); ``spread``: at most ``ceil(E / G)``
   originals per device; ``packed``: greedy copies + LPT placement under either policy;
+  ``tight``: the level fill for few slots per device (at most ``ceil(whole / G)`` unsplit experts
+  per device, split experts wrapped McNaughton-style into the slots left; ``fill_layout(tight=)``);
 - ``original``: the layout the deployment would have without rq (standard EP, or the engine's
   identity + round-robin redundancy).
 
@@ -36,7 +38,7 @@ import torch
 from .layout import build_layout, fill_layout
 from .steps import POLICIES, contiguous_layout, sample_steps, spread, step_max_mean
 
-CANDIDATES = ("pinned", "mean", "shrunk", "spread", "packed")
+CANDIDATES = ("pinned", "mean", "shrunk", "spread", "packed", "tight")
 NUM_STEPS = 24  # steps scored per fold and candidate
 MAX_FOLDS = 4
 SAFETY_MARGIN = 0.05  # load-aware: a candidate other than "pinned" must beat it by this on the worst fold
@@ -112,13 +114,13 @@ def _weight(seq_loads, idx, kind):
 
 def candidate_layout(weight: torch.Tensor, num_slots: torch.Tensor, G: int, policy: str, *, first_size=None,
                      replica_size=None, capacity=None, fill_all: bool = False, spread=False, pin=False,
-                     pin_dev=None, packed=False) -> Layout:
+                     pin_dev=None, packed=False, tight=False) -> Layout:
     """Replicas + devices for planning loads ``weight [L, E]`` (see module docstring); the keyword
     tensors are per row. ``packed [L]`` rows use the greedy copies + LPT placement whatever the policy."""
     L, E = weight.shape
     packed = torch.as_tensor(packed).expand(L) | (policy != "load-aware")
     per_row = dict(first_size=first_size, replica_size=replica_size, capacity=capacity, spread=spread, pin=pin,
-                   pin_dev=pin_dev)
+                   pin_dev=pin_dev, tight=torch.as_tensor(tight).expand(L))
 
     def sub(rows):
         return {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == L else v)
@@ -132,7 +134,7 @@ def candidate_layout(weight: torch.Tensor, num_slots: torch.Tensor, G: int, poli
         if use_fill:
             phy, dev, _, ok = fill_layout(weight[rows], num_slots[rows], G, kw["first_size"], kw["replica_size"],
                                           kw["capacity"], fill_all=fill_all, spread=kw["spread"], pin=kw["pin"],
-                                          pin_dev=kw["pin_dev"])
+                                          pin_dev=kw["pin_dev"], tight=kw["tight"])
         else:
             fs, rs = kw["first_size"], kw["replica_size"]
             size_fn = None if fs is None else (lambda p, fs=fs, rs=rs: _slot_sizes(p, fs, rs))
@@ -209,7 +211,8 @@ def plan_balance(seq_loads: torch.Tensor, num_devices: int, num_slots, original:
     kw_all = dict(first_size=rep(first_size), replica_size=rep(replica_size),
                   capacity=None if capacity is None else torch.as_tensor(capacity, dtype=torch.float64).expand(L).repeat(K),
                   fill_all=fill_all, spread=_rows(CANDIDATES, "spread", L, K), pin=_rows(CANDIDATES, "pinned", L, K),
-                  pin_dev=original.slot_device[:, :E].repeat(K, 1), packed=_rows(CANDIDATES, "packed", L, K))
+                  pin_dev=original.slot_device[:, :E].repeat(K, 1), packed=_rows(CANDIDATES, "packed", L, K),
+                  tight=_rows(CANDIDATES, "tight", L, K))
     lay = candidate_layout(torch.cat(weights), num_slots.repeat(K), G, policy, **kw_all)
     B = min(st.shape[0] for st in steps)
     nc = F * len(CANDIDATES) * L

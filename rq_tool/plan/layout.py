@@ -211,7 +211,7 @@ def build_layout(weight: torch.Tensor, num_slots: torch.Tensor, num_devices: int
     return phy2log, dev, ok
 
 
-def _fill(w, T, num_slots, G, first_size, rep_size, cap, orig_cap=None, pin=None, pin_dev=None):
+def _fill(w, T, num_slots, G, first_size, rep_size, cap, orig_cap=None, pin=None, pin_dev=None, even=None):
     """One level-``T`` fill (see ``fill_layout``). Returns ``(expert, device, first [L, S]`` (-1 pad), ``ok [L])``."""
     L, E = w.shape
     S = int(num_slots.max())
@@ -240,6 +240,14 @@ def _fill(w, T, num_slots, G, first_size, rep_size, cap, orig_cap=None, pin=None
         pinned = torch.as_tensor(pin).expand(L)
         pin_o = (order * G // E) if pin_dev is None else pin_dev.gather(1, order)
     ocap = torch.full((L, 1), float("inf")) if orig_cap is None else torch.as_tensor(orig_cap).double().expand(L)[:, None]
+    # even rows: at most ceil(whole / G) whole experts per device, so the cold ones do not take
+    # the slots the split ones need (cardinality-tight layouts: few slots per device)
+    wcap = torch.full((L, 1), float("inf"))
+    if even is not None:
+        ev = torch.as_tensor(even).expand(L)
+        wcap = torch.where(ev, torch.ceil((~split).sum(-1).double() / G), float("inf"))[:, None]
+    wholes = torch.zeros(L, G)
+    r_min = rep_size.min(-1).values
     for j in range(E):
         e, rest, whole = order[:, j], w_o[:, j].clone(), whole_o[:, j]
         held = torch.zeros(L, G, dtype=torch.bool)
@@ -255,12 +263,25 @@ def _fill(w, T, num_slots, G, first_size, rep_size, cap, orig_cap=None, pin=None
                 home = (gid == pin_o[:, j][:, None]) & (used + sz <= cap_all)
                 room = torch.where((pinned & is_first)[:, None], home, room)
             kept = room & (used + sz <= cap_whole)
-            room = torch.where((whole & kept.any(-1) & (~pinned if pin is not None else True))[:, None], kept, room)
+            free = whole & kept.any(-1) & (~pinned if pin is not None else True)
+            if even is not None:
+                room = torch.where((whole & is_first & ev)[:, None], room & (wholes < wcap), room)
+                free &= ~ev
+            room = torch.where(free[:, None], kept, room)
             has = room.any(-1)
             full = n >= num_slots
             ok &= ~active | (has & ~full)
             go = active & ok
-            g = torch.where(room, rem, -torch.inf).argmax(-1)
+            key = torch.where(room, rem, -torch.inf)
+            if even is not None:
+                # split experts on even rows: a piece that fills a device whose last slot it takes
+                # first (nothing else could use that slot), and a remainder where a slot is left
+                # for the next expert to close the gap (McNaughton's wrap with slot limits)
+                last = used + sz + r_min[:, None] > cap_all
+                fills = rem <= rest[:, None] + tiny[:, None]
+                bonus = torch.where(fills & last, 4.0, torch.where(~fills & ~last, 2.0, 0.0)) * T[:, None]
+                key = torch.where((ev & ~whole)[:, None] & room, key + bonus, key)
+            g = key.argmax(-1)
             hot = (gid == g[:, None]) & go[:, None]
             piece = torch.minimum((rem * hot).sum(-1).clamp(min=0), rest)
             col = torch.where(go, n, S)[:, None]
@@ -271,6 +292,7 @@ def _fill(w, T, num_slots, G, first_size, rep_size, cap, orig_cap=None, pin=None
             used += hot * sz
             held |= hot
             originals += hot * is_first[:, None]
+            wholes += hot * (is_first & whole)[:, None]
             rest -= piece * go
             is_first &= ~go
             n += go.long()
@@ -280,7 +302,8 @@ def _fill(w, T, num_slots, G, first_size, rep_size, cap, orig_cap=None, pin=None
 
 
 def fill_layout(weight: torch.Tensor, num_slots: torch.Tensor, num_devices: int, first_size=None, replica_size=None,
-                capacity=None, fill_all: bool = False, iters: int = 8, spread=False, pin=False, pin_dev=None):
+                capacity=None, fill_all: bool = False, iters: int = 8, spread=False, pin=False, pin_dev=None,
+                tight=False):
     """Replicas and devices for **load-aware** dispatch: fill every device up to one level T.
 
     ``weight [L, E]``; ``num_slots [L]`` the most slots a layer may use; ``first_size`` /
@@ -318,14 +341,16 @@ def fill_layout(weight: torch.Tensor, num_slots: torch.Tensor, num_devices: int,
     oc = torch.where(spread, float(math.ceil(E / G)), float("inf")) if spread.any() else None
     pin = torch.as_tensor(pin).expand(L)
     pn = pin if pin.any() else None
-    best = _fill(w, hi, num_slots, G, first_size, replica_size, cap, oc, pn, pin_dev)
-    two = _fill(w, 2 * mean, num_slots, G, first_size, replica_size, cap, oc, pn, pin_dev)  # a tighter bracket when it fits
+    tight = torch.as_tensor(tight).expand(L)
+    tt = tight if tight.any() else None
+    best = _fill(w, hi, num_slots, G, first_size, replica_size, cap, oc, pn, pin_dev, tt)
+    two = _fill(w, 2 * mean, num_slots, G, first_size, replica_size, cap, oc, pn, pin_dev, tt)  # a tighter bracket when it fits
     feas = two[3] & (2 * mean < hi)
     hi = torch.where(feas, 2 * mean, hi)
     best = tuple(torch.where(feas.view(L, *([1] * (b.dim() - 1))), g, b) for g, b in zip(two, best))
     for _ in range(iters):
         mid = (lo + hi) / 2
-        got = _fill(w, mid, num_slots, G, first_size, replica_size, cap, oc, pn, pin_dev)
+        got = _fill(w, mid, num_slots, G, first_size, replica_size, cap, oc, pn, pin_dev, tt)
         feas = got[3]
         hi = torch.where(feas, mid, hi)
         lo = torch.where(feas, lo, mid)

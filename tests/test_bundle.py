@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_model_dir_loads_without_rq_tool(rewritten_tiny, tmp_path):
+def test_model_dir_loads_without_rq_tool(rewritten_tiny, tmp_path, one_thread):  # same threads as the child: same numbers
     import rq_tool
 
     out = rewritten_tiny / "out"

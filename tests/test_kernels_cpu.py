@@ -3,6 +3,7 @@ dequantized cache and identical-replica merging agree with the per-slot torch re
 
 import pytest
 import torch
+from slot_maps import slot_maps
 
 from rq_tool.kernels import SlotWeights, moe_experts_reference, replica_dispatch_reference
 from rq_tool.kernels.experts_cpu import DequantCache, identical_slots, moe_experts_cpu
@@ -21,11 +22,7 @@ def _case(T, E, H, I, mix, dtype, seed=0, K=2):
     g = torch.Generator().manual_seed(seed)
     phy2log = torch.cat([torch.arange(E), torch.randint(0, E, (E // 2,), generator=g)])
     P = phy2log.numel()
-    logcnt = torch.bincount(phy2log, minlength=E)
-    log2phy = torch.full((E, int(logcnt.max())), -1)
-    for e in range(E):
-        s = (phy2log == e).nonzero().flatten()
-        log2phy[e, : s.numel()] = s
+    logcnt, log2phy = slot_maps(phy2log, E)
     gate_up = torch.randn(E, 2 * I, H, generator=g)[phy2log] * 0.1
     down = torch.randn(E, H, I, generator=g)[phy2log] * 0.1
     w = SlotWeights.from_dense(gate_up.to(dtype), down.to(dtype), [mix[p % len(mix)] for p in range(P)], "glu:silu")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from slot_maps import slot_maps
 
 from rq_tool.kernels import SlotWeights, moe_experts_grouped, moe_experts_reference, replica_dispatch_reference
 
@@ -22,11 +23,7 @@ def test_grouped_equals_reference(T, E, K, H, I, mix, act):
     extra = torch.randint(0, E, (E // 2,), generator=g)
     phy2log = torch.cat([torch.arange(E), extra])
     P = phy2log.numel()
-    logcnt = torch.bincount(phy2log, minlength=E)
-    log2phy = torch.full((E, int(logcnt.max())), -1)
-    for e in range(E):
-        s = (phy2log == e).nonzero().flatten()
-        log2phy[e, : s.numel()] = s
+    logcnt, log2phy = slot_maps(phy2log, E)
     dtype = torch.bfloat16 if mix == ("bf16",) else torch.float32
     gate_up = torch.randn(E, 2 * I, H, generator=g)[phy2log] * 0.1
     down = torch.randn(E, H, I, generator=g)[phy2log] * 0.1

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from slot_maps import slot_maps
 
 from rq_tool.kernels.split import _pour, assign_slots, load_aware_split, round_robin_split, split_counts
 
@@ -11,11 +12,7 @@ from rq_tool.kernels.split import _pour, assign_slots, load_aware_split, round_r
 def _random_map(E, P, G, seed):
     g = torch.Generator().manual_seed(seed)
     phy2log = torch.cat([torch.arange(E), torch.randint(0, E, (P - E,), generator=g)])
-    logcnt = torch.bincount(phy2log, minlength=E)
-    log2phy = torch.full((E, int(logcnt.max())), -1)
-    for e in range(E):
-        s = (phy2log == e).nonzero().flatten()
-        log2phy[e, : s.numel()] = s
+    logcnt, log2phy = slot_maps(phy2log, E)
     slot_device = torch.randperm(P, generator=g) % G
     return phy2log, log2phy, logcnt, slot_device
 

@@ -74,7 +74,7 @@ HELDOUT_SEQ_LEN = 256  # tokens per held-out window
 HELDOUT_TOKENS = 64 * HELDOUT_SEQ_LEN  # tokens scored per domain (64 windows, as the bundled model's eval.json)
 HELDOUT_BATCH_SIZE = BATCH_SIZE  # windows per forward; per-batch LIS is measured on batches of this size
 DEVICE_COUNTS = (2, 4, 8)  # simulated expert-parallel device counts
-LASER_EPS_HIGH = 0.3  # LASER baseline thresholds (rq_tool.routing_policy.LaserConfig)
+LASER_EPS_HIGH = 0.3  # LASER baseline thresholds (rq_tool.eval.laser.LaserConfig)
 LASER_T_FIX = 0.3
 
 

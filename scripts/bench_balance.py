@@ -76,7 +76,7 @@ def seq_loads_of(model, family, ids: torch.Tensor, batch_size: int) -> torch.Ten
 
 def calibration_sets(tokenizer, model, family, args):
     """``{name: (seq_loads [N, L, E], domain [N], names)}``: bundled ``mix`` and a training-split sample."""
-    from rq_tool import corpus
+    from rq_tool.eval import corpus
     from rq_tool.calibrate import load_tags, load_texts, pack
 
     out = {}

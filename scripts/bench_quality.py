@@ -35,7 +35,7 @@ from rq_tool.eval import BASELINES, baseline_results, load_heldout, markdown_tab
 from rq_tool.eval.baselines import tune_laser
 from rq_tool.eval.calib_study import SIZES, markdown as study_markdown, sequence_loads, size_study
 from rq_tool.modelio import load_model, load_tokenizer, resolve_model_path
-from rq_tool.routing_policy import LaserConfig
+from rq_tool.eval.laser import LaserConfig
 
 
 def bundled_mix_shares(tokenizer, dataset: str) -> dict[str, float] | None:
@@ -44,7 +44,7 @@ def bundled_mix_shares(tokenizer, dataset: str) -> dict[str, float] | None:
     A bundled set named after a domain is all that domain; ``mix`` is made of documents of the
     per-domain bundled sets, so each of its documents is traced back to one of them.
     """
-    from rq_tool import corpus
+    from rq_tool.eval import corpus
     from rq_tool.calibrate import load_texts
     from rq_tool.calibrate.data import bundled_sets
 
@@ -66,7 +66,7 @@ def bundled_mix_shares(tokenizer, dataset: str) -> dict[str, float] | None:
 
 def write_equal_train_set(tokenizer, path, tokens_per_domain: int, seq_len: int) -> str:
     """A JSONL calibration set of the training split with equal tokens per domain (windows as texts)."""
-    from rq_tool import corpus
+    from rq_tool.eval import corpus
     from rq_tool.eval.perplexity import pack_tokens
 
     with open(path, "w") as f:
@@ -139,7 +139,7 @@ def score_all(path, tokenizer, profile, heldout, laser, shares, args, log) -> tu
                                    domain_weights=shares, original=original, log=log)
         extra = []
         if not args.no_train_calibrated and not args.heldout:
-            from rq_tool import corpus
+            from rq_tool.eval import corpus
 
             per_domain = args.num_samples * args.seq_len // len(corpus.DOMAINS) + args.seq_len
             train_set = write_equal_train_set(tokenizer, Path(work) / "train_equal.jsonl", per_domain, args.seq_len)

@@ -4,7 +4,7 @@
     python scripts/make_calibration_sets.py            # writes calibration_sets/{code,math,prose,docs,mix}.jsonl
 
 Every set is text this project wrote or generated, never copied, matched to the domains of the
-bundled tiny MoE (rq_tool/corpus.py):
+bundled tiny MoE (rq_tool/eval/corpus.py):
 
 * ``code``  -- rq's own Python source (``rq_tool/**/*.py``, ``scripts/*.py``) at build time, cut
   into chunks at top-level ``def``/``class`` boundaries;
@@ -33,7 +33,8 @@ import re
 import sys
 from pathlib import Path
 
-from rq_tool import corpus, defaults
+from rq_tool import defaults
+from rq_tool.eval import corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "calibration_sets"

@@ -4,7 +4,7 @@
     python scripts/train_tiny_moe.py                 # tokenizer + model + eval -> rq_tool/assets/tiny_moe
     python scripts/train_tiny_moe.py --eval-only     # re-evaluate the committed model, rewrite eval.json
 
-The corpus (rq_tool/corpus.py) is read at run time from the Python stdlib, Debian's KJV Bible
+The corpus (rq_tool/eval/corpus.py) is read at run time from the Python stdlib, Debian's KJV Bible
 (`apt-get install -y bible-kjv-text bible-kjv`), Debian `manpages` and a seeded arithmetic
 generator; only the trained weights and tokenizer are written.
 
@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from rq_tool import corpus, defaults
+from rq_tool import defaults
+from rq_tool.eval import corpus
 from rq_tool.eval import perplexity as ev
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "rq_tool" / "assets" / "tiny_moe"

@@ -80,7 +80,7 @@ def test_runtime_import_is_light():
     assert _loaded(mods, "click", "datasets", "matplotlib", "bitsandbytes") == []
     # the stage packages' lazy __init__s are loaded (rq_tool binds its API names over them), nothing in them
     assert _loaded(mods, "rq_tool.calibrate", "rq_tool.rewrite") == ["rq_tool.calibrate", "rq_tool.rewrite"]
-    assert _loaded(mods, "rq_tool.eval", "rq_tool.export", "rq_tool.plan", "rq_tool.cli", "rq_tool.corpus") == []
+    assert _loaded(mods, "rq_tool.eval", "rq_tool.export", "rq_tool.plan", "rq_tool.cli", "rq_tool.eval.corpus") == []
 
 
 def test_cli_help_imports_no_torch():

@@ -205,7 +205,7 @@ def test_eval_default_refuses_what_it_cannot_trust(tiny, monkeypatch):
     monkeypatch.chdir(root)  # an older profile naming a file that is here: in-sample (used texts unknown)
     ho = load_heldout(tok, calibration=old, seq_len=SEQ, max_tokens=TOKENS)
     assert ho.held_out is False and "does not record which texts" in ho.note
-    from rq_tool import corpus
+    from rq_tool.eval import corpus
 
     monkeypatch.setattr(corpus, "heldout_texts", lambda d: [f"{d} held out " * 40] * 3)
     ho = load_heldout(tok, calibration={"dataset": "code", "source": {"kind": "bundled", "spec": "code"}},
@@ -275,7 +275,7 @@ def test_cli_eval_bad_data_options_one_line(tiny, folders, tmp_path):
 
 def test_bundled_set_without_the_corpus_falls_back_to_its_unused_texts(tiny, monkeypatch):
     root, _ = tiny
-    from rq_tool import corpus
+    from rq_tool.eval import corpus
 
     def missing(d):
         raise RQError("corpus 'prose' is not installed on this machine")

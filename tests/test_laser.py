@@ -6,7 +6,7 @@ import torch
 from rq_tool.arch import get_family
 from rq_tool.errors import RQError
 from rq_tool.eval.measure import ExpertCounter
-from rq_tool.routing_policy import LaserConfig, LaserRouting, laser_route
+from rq_tool.eval.laser import LaserConfig, LaserRouting, laser_route
 from tiny_models import tiny_model
 
 

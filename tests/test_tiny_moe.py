@@ -14,7 +14,8 @@ import os
 import pytest
 import torch
 
-from rq_tool import corpus, defaults
+from rq_tool import defaults
+from rq_tool.eval import corpus
 from rq_tool.calibrate import data as calib_data
 from rq_tool.eval import perplexity as ev
 

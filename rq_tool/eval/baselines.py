@@ -12,7 +12,7 @@ Registry ``BASELINES`` (name -> ``Baseline``), in table order:
   per-layer budget is exactly E int8 experts and that may only use int8, so it cannot replicate.)
 - ``frequency``: rq greedy, but what to quantize is chosen by routing frequency only
   (``--importance frequency``), the choice the R&Q paper argues against.
-- ``laser``: the original weights with LASER routing (``rq_tool.routing_policy``), no rewrite.
+- ``laser``: the original weights with LASER routing (``rq_tool.eval.laser``), no rewrite.
 
 ``baseline_results`` builds and scores each (rewrites go to a scratch directory) and returns one
 ``compare`` result per baseline; ``markdown_table`` renders them, ``target_checks`` tests the
@@ -28,7 +28,7 @@ from typing import Callable
 
 from .. import defaults
 from ..errors import RQError
-from ..routing_policy import LaserConfig, LaserRouting
+from .laser import LaserConfig, LaserRouting
 from .compare import compare, score_original, score_rewritten
 
 

@@ -97,7 +97,7 @@ def eval_cmd(original, rewritten, datasets, dataset_config, split, text_field, m
 
     Scores --dataset data, or by default the data REWRITTEN was calibrated on (its unused texts; the
     first output line says which data and whether it is held out or in-sample)."""
-    from ..routing_policy import LaserConfig
+    from .laser import LaserConfig
     from .baselines import markdown_table
     from .run import data_text, detail_text, evaluate, per_step_text
 

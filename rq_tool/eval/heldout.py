@@ -5,7 +5,7 @@ With ``--dataset``: one domain per spec (a local file or folder, or anything
 
 Without, the data the plan was made for, read from the profile (``calibration.source``):
 
-- a bundled set (``mix``, ``code``...): the bundled corpus's held-out split (``rq_tool.corpus``)
+- a bundled set (``mix``, ``code``...): the bundled corpus's held-out split (``rq_tool.eval.corpus``)
   of the set's domains plus every unseen domain (never trained on, reported apart) -- the same
   domains, none of the set's texts (where the corpus cannot be read, as for any other source);
 - any other source (a file, a dataset folder, a datasets name): its texts that calibration did
@@ -117,7 +117,7 @@ def _given(tokenizer, datasets, seq_len, max_tokens, calibration_sha256, config,
 
 
 def _corpus(tokenizer, seq_len, max_tokens, only: str | None, note: str) -> HeldOut:
-    from .. import corpus
+    from . import corpus
 
     domains, shas = {}, {}
     for d in (*((only,) if only else corpus.DOMAINS), *corpus.UNSEEN_DOMAINS):
@@ -126,12 +126,12 @@ def _corpus(tokenizer, seq_len, max_tokens, only: str | None, note: str) -> Held
         except RQError as e:
             raise RQError(f"default held-out data unavailable: {e}", hint="or pass --dataset FILE") from None
         domains[d], shas[d] = _pack(tokenizer, texts, d, seq_len, max_tokens), _sha(texts)
-    return HeldOut("rq_tool.corpus held-out split", domains, shas, tuple(corpus.UNSEEN_DOMAINS), note=note)
+    return HeldOut("rq_tool.eval.corpus held-out split", domains, shas, tuple(corpus.UNSEEN_DOMAINS), note=note)
 
 
 def _from_calibration(tokenizer, cal: dict, src: dict | None, seq_len: int, max_tokens: int) -> HeldOut:
     """The calibration source's unused texts (held out), else its used ones (in-sample)."""
-    from .. import corpus
+    from . import corpus
     from ..calibrate.data import load_texts, source_kind, split_used
 
     name = str(cal.get("dataset"))

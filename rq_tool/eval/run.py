@@ -48,7 +48,7 @@ def evaluate(original, rewritten, *, datasets=(), max_tokens: int = defaults.HEL
     kw = {"device_counts": device_counts, "domain_weights": domain_weights}
     results = [compare(orig, orig, heldout, **kw), compare(orig, cand, heldout, **kw)]
     if laser is not None:
-        from ..routing_policy import LaserRouting
+        from .laser import LaserRouting
 
         las = score_original(src, heldout, batch_size=batch_size, name="laser", plan_load=plan_load,
                              info={"laser": laser.to_dict()}, policy=lambda m, f: LaserRouting(m, f, laser),

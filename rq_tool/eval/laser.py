@@ -39,10 +39,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from . import defaults
-from .arch import MoEFamily
-from .arch.families import GptOss, SoftmaxTopK
-from .errors import RQError
+from .. import defaults
+from ..arch import MoEFamily
+from ..arch.families import GptOss, SoftmaxTopK
+from ..errors import RQError
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import subprocess
 import sysconfig
 from pathlib import Path
 
-from .errors import RQError
+from ..errors import RQError
 
 DOMAINS = ("code", "prose", "docs", "math")  # trained on
 UNSEEN_DOMAINS = ("c_headers",)  # held-out only, never trained on

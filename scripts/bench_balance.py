@@ -36,14 +36,14 @@ from rq_tool import defaults
 from rq_tool.eval.ep import per_step_balance
 from rq_tool.plan.balance import Layout, plan_balance
 from rq_tool.plan.layout import replicate
-from rq_tool.plan.placement import eplb_rebalance
+from rq_tool.plan.eplb import rebalance_experts
 from rq_tool.plan.steps import contiguous_layout, max_over_mean, step_device_loads
 
 G_MODEL = 8
 
 
 def eplb_layout(weight: torch.Tensor, P: int, G: int) -> Layout:
-    phy2log, _, _ = eplb_rebalance(weight.double(), P, 1, 1, G)
+    phy2log, _, _ = rebalance_experts(weight.double(), P, 1, 1, G)
     L = weight.shape[0]
     return Layout(phy2log, (torch.arange(P) // (P // G)).repeat(L, 1))
 

@@ -40,7 +40,6 @@ checkpoint side (safetensors keys, no model needed by the caller)
                                                     state-dict key (idempotent on runtime keys;
                                                     ``runtime_key(ek.block_prefix + ".experts.")``
                                                     is the runtime prefix of a layer's experts)
-    ``has_expert_bias``                             the experts carry biases
 
 ``ExpertKey.tensor`` is ``"weight"`` / ``"bias"`` for plain tensors, or the suffix of a
 quantization side tensor (``"weight_scale_inv"`` for FP8 block scales, ``"blocks"`` / ``"scales"``
@@ -77,7 +76,6 @@ class MoEFamily:
     """Adapter interface (see module docstring); ``StructuralFamily`` implements it for most families."""
 
     name: str = "?"
-    has_expert_bias: bool = False
 
     # ------------------------------------------------------------------ model side
     def moe_blocks(self, model: nn.Module) -> list[tuple[int, nn.Module]]:

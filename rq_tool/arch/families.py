@@ -80,7 +80,6 @@ class StructuralFamily(MoEFamily):
         first = model.get_submodule(self.blocks[0].path + ".experts")
         self._check_uniform()
         self.layout = self._read_layout(first)
-        self.has_expert_bias = self.layout.has_bias
         canon = self.canonical_experts(first)
         self._two_i = int(canon["gate_up"].shape[1])
         self._activation = self._detect_activation(first)

@@ -10,7 +10,7 @@ from .._lazy import lazy_exports
 __getattr__, __dir__ = lazy_exports(__name__, {
     "resolve_budget": ".budget",
     "balanced_packing": ".eplb", "rebalance_experts": ".eplb", "replicate_experts": ".eplb",
-    "device_loads": ".placement", "eplb_rebalance": ".placement", "max_mean": ".placement",
+    "device_loads": ".placement", "max_mean": ".placement",
     "place_slots": ".placement",
     "log2phy_from_phy2log": ".predict", "predict_layer": ".predict",
     "STRATEGIES": ".strategies", "make_plan": ".strategies",
@@ -19,6 +19,6 @@ __getattr__, __dir__ = lazy_exports(__name__, {
 })
 __all__ = [
     "ERROR_WEIGHTS", "PLAN_FORMAT", "STRATEGIES", "LayerPlan", "Plan", "PlanOptions", "balanced_packing",
-    "device_loads", "eplb_rebalance", "log2phy_from_phy2log", "make_plan", "max_mean", "place_slots",
+    "device_loads", "log2phy_from_phy2log", "make_plan", "max_mean", "place_slots",
     "predict_layer", "rebalance_experts", "replicate_experts", "resolve_budget",
 ]

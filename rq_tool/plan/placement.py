@@ -17,11 +17,6 @@ import math
 import torch
 
 from ..errors import RQError
-# EPLB moved to .eplb; the old names stay importable from here for callers not yet updated
-from .eplb import balanced_packing, rebalance_experts, replicate_experts  # noqa: F401
-
-eplb_rebalance = rebalance_experts
-
 
 def _greedy_place(order, load, nbytes, G: int, max_count: int, capacity: int | None, best_fit: bool):
     dev_load, dev_bytes, dev_count = [0.0] * G, [0] * G, [0] * G

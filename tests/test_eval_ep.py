@@ -1,11 +1,20 @@
 """Simulated expert parallelism on hand-made loads with known optimal placements; Spearman/size study."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
-from rq_tool.eval.calib_study import size_study, spearman
 from rq_tool.eval.ep import (contiguous_devices, contiguous_max_mean, eplb_max_mean, placed_max_mean,
                              simulate_layer)
+
+# the calibration-size study is a script's helper (scripts/calib_study.py), not part of the package
+_spec = importlib.util.spec_from_file_location(
+    "calib_study", Path(__file__).resolve().parent.parent / "scripts" / "calib_study.py")
+_study = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_study)
+size_study, spearman = _study.size_study, _study.spearman
 
 
 def test_contiguous_is_the_standard_ep_layout():

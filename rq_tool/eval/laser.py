@@ -53,7 +53,7 @@ class LaserConfig:
 
     # top-k mass at or above which a token keeps vanilla routing. Model-dependent (the paper
     # tunes it per model); 0.3 kept perplexity within ~1% on the bundled top-2-of-16 model's
-    # calibration set, and ``rq_tool.eval.baselines.tune_laser`` picks one on calibration data.
+    # calibration set, and ``scripts/laser_tuning.py`` picks one on calibration data.
     eps_high: float = defaults.LASER_EPS_HIGH
     t_fix: float = defaults.LASER_T_FIX  # candidate if p >= t_fix * max(p)
     num_candidates: int | None = None  # C > K

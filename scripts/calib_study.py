@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import defaults
-from ..lis import lis
+from rq_tool import defaults
+from rq_tool.lis import lis
 
 SIZES = (16, 64, 256, 1024)
 
@@ -47,8 +47,8 @@ def sequence_loads(model_path, dataset: str = defaults.DEFAULT_DATASET, *, max_s
                    seq_len: int = defaults.SEQ_LEN, batch_size: int = defaults.BATCH_SIZE,
                    seed: int = defaults.SEED) -> torch.Tensor:
     """``[L, N, E]`` int64 per-sequence expert loads on up to ``max_sequences`` calibration sequences."""
-    from ..calibrate import ExpertRecorder, load_texts, pack
-    from ..modelio import load_model, load_tokenizer, resolve_model_path
+    from rq_tool.calibrate import ExpertRecorder, load_texts, pack
+    from rq_tool.modelio import load_model, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(model_path)
     model, family = load_model(path)

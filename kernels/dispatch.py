@@ -1,6 +1,6 @@
 """Replica-aware dispatch: logical top-k ids -> physical slots, grouped into padded blocks.
 
-Legend: T tokens, K top-k, E logical experts, R max replicas, P physical slots, N = T*K.
+Legend: T tokens, K top-k, E logical experts, R max replicas, P physical slots, M = T*K.
 
 Split policy "round-robin-by-occurrence": flatten ``topk_ids [T, K]`` row-major; the j-th
 occurrence (0-based, in that flat order) of logical expert e goes to ``log2phy[e, j % logcnt[e]]``.
@@ -10,7 +10,7 @@ keeps token order inside every slot without a second sort.
 
 The grouped output follows vLLM's ``moe_align_block_size``: ``sorted_ids`` lists flat indices
 ``t*K + k`` slot by slot (ascending slot, original order inside a slot), each slot's segment padded
-with the sentinel N up to a multiple of ``block_size``; ``block_slot`` gives each block's slot
+with the sentinel M up to a multiple of ``block_size``; ``block_slot`` gives each block's slot
 (worked example: :class:`rq_tool.kernels.types.Dispatch`).
 """
 
@@ -52,8 +52,8 @@ def dispatch_from_phy(phy_ids: torch.Tensor, num_slots: int, block_size: int = 6
     dev = phy_ids.device
     T, K = phy_ids.shape
     phy = phy_ids.reshape(-1).long()
-    N = phy.numel()
-    pos = torch.arange(N, device=dev)
+    M = phy.numel()
+    pos = torch.arange(M, device=dev)
     # group by slot, keeping flat order inside a slot; pad every segment to block_size
     slot_counts = torch.bincount(phy, minlength=num_slots)
     padded = (slot_counts + block_size - 1) // block_size * block_size
@@ -62,7 +62,7 @@ def dispatch_from_phy(phy_ids: torch.Tensor, num_slots: int, block_size: int = 6
     by_slot = torch.sort(phy, stable=True).indices
     phy_sorted = phy[by_slot]
     num_padded = int(padded.sum())
-    sorted_ids = torch.full((num_padded,), N, dtype=torch.int64, device=dev)
+    sorted_ids = torch.full((num_padded,), M, dtype=torch.int64, device=dev)
     sorted_ids[pad_start[phy_sorted] + pos - slot_start[phy_sorted]] = by_slot
     block_slot = torch.repeat_interleave(torch.arange(num_slots, device=dev), padded // block_size)
     return Dispatch(phy.reshape(T, K), slot_counts, sorted_ids, block_slot, num_padded, block_size)

@@ -1,8 +1,8 @@
 """Triton implementation of :func:`rq_tool.kernels.dispatch.replica_dispatch`.
 
-Occurrence ranks without a sort, by counting in chunks of BLOCK_N flat pairs:
+Occurrence ranks without a sort, by counting in chunks of BLOCK_M flat pairs:
 
-1. ``_chunk_rank_kernel`` (one program per chunk): one-hot ``[BLOCK_N, BLOCK_E]`` tiles of the
+1. ``_chunk_rank_kernel`` (one program per chunk): one-hot ``[BLOCK_M, BLOCK_E]`` tiles of the
    chunk's ids; a cumulative sum down the chunk gives each pair's rank among earlier pairs of the
    same expert *inside the chunk*; the column sums give the chunk histogram ``count[c, e]``.
 2. ``_expert_scan_kernel`` (one program per expert tile): exclusive scan of ``count[:, e]`` over
@@ -32,20 +32,20 @@ from .types import Dispatch
 @triton.jit
 def _chunk_rank_kernel(
     ids_ptr, local_rank_ptr, count_ptr,
-    N, E,
-    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    M, E,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     c = tl.program_id(0)
-    offs = c * BLOCK_N + tl.arange(0, BLOCK_N)
-    ids = tl.load(ids_ptr + offs, mask=offs < N, other=-1)  # -1 matches no expert
-    rank = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    offs = c * BLOCK_M + tl.arange(0, BLOCK_M)
+    ids = tl.load(ids_ptr + offs, mask=offs < M, other=-1)  # -1 matches no expert
+    rank = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for e0 in range(0, E, BLOCK_E):
         eids = e0 + tl.arange(0, BLOCK_E)
         hit = (ids[:, None] == eids[None, :]).to(tl.int32)
         seen = tl.cumsum(hit, axis=0)  # inclusive: pairs of expert e up to and including this row
         rank += tl.sum(hit * (seen - 1), axis=1)
         tl.store(count_ptr + c * E + eids, tl.sum(hit, axis=0), mask=eids < E)
-    tl.store(local_rank_ptr + offs, rank, mask=offs < N)
+    tl.store(local_rank_ptr + offs, rank, mask=offs < M)
 
 
 @triton.jit
@@ -83,12 +83,12 @@ def _slot_scan_kernel(slot_counts_ptr, slot_start_ptr, P, block_size, BLOCK_P: t
 def _scatter_kernel(
     ids_ptr, local_rank_ptr, count_ptr, log2phy_ptr, logcnt_ptr, slot_start_ptr,
     sorted_ids_ptr, phy_ids_ptr,
-    N, E, stride_log2phy_e,
-    BLOCK_N: tl.constexpr,
+    M, E, stride_log2phy_e,
+    BLOCK_M: tl.constexpr,
 ):
     c = tl.program_id(0)
-    offs = c * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = offs < N
+    offs = c * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = offs < M
     e = tl.load(ids_ptr + offs, mask=m, other=0)
     occ = tl.load(local_rank_ptr + offs, mask=m, other=0) + tl.load(count_ptr + c * E + e, mask=m, other=0)
     cnt = tl.load(logcnt_ptr + e, mask=m, other=1)
@@ -114,21 +114,21 @@ def _block_slot_kernel(
     tl.store(block_slot_ptr + b, n - 1, mask=b < num_blocks)
 
 
-def default_tiles(N: int, E: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_E, BLOCK_B) for N pairs and E experts."""
+def default_tiles(M: int, E: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_E, BLOCK_B) for M pairs and E experts."""
     if interpreter_enabled():  # ~20 ms per program, tiles as numpy arrays: few, big programs
-        return max(16, min(triton.next_power_of_2(N), 4096)), max(16, min(triton.next_power_of_2(E), 128)), 4096
+        return max(16, min(triton.next_power_of_2(M), 4096)), max(16, min(triton.next_power_of_2(E), 128)), 4096
     return 256, 32, 256
 
 
-def occurrence_ranks_triton(ids, log2phy, logcnt, slot_counts, block_n: int, block_e: int):
-    """Steps 1-2: ``ids [N]`` -> ``local_rank [N]`` int32 (rank inside its chunk) and ``count
+def occurrence_ranks_triton(ids, log2phy, logcnt, slot_counts, block_m: int, block_e: int):
+    """Steps 1-2: ``ids [M]`` -> ``local_rank [M]`` int32 (rank inside its chunk) and ``count
     [chunks, E]`` int32 (occurrences of e before each chunk); writes round-robin ``slot_counts [P]``."""
-    N, (E, R) = ids.numel(), log2phy.shape
-    num_chunks = triton.cdiv(N, block_n)
-    local_rank = torch.empty(N, dtype=torch.int32, device=ids.device)
+    M, (E, R) = ids.numel(), log2phy.shape
+    num_chunks = triton.cdiv(M, block_m)
+    local_rank = torch.empty(M, dtype=torch.int32, device=ids.device)
     count = torch.empty(num_chunks, E, dtype=torch.int32, device=ids.device)
-    _chunk_rank_kernel[(num_chunks,)](ids, local_rank, count, N, E, BLOCK_N=block_n, BLOCK_E=block_e)
+    _chunk_rank_kernel[(num_chunks,)](ids, local_rank, count, M, E, BLOCK_M=block_m, BLOCK_E=block_e)
     _expert_scan_kernel[(triton.cdiv(E, block_e),)](
         count, log2phy, logcnt, slot_counts, num_chunks, E, R, log2phy.stride(0), BLOCK_E=block_e
     )
@@ -145,28 +145,28 @@ def replica_dispatch_triton(
 ) -> Dispatch:
     """Launches the five kernels above; inputs already checked by the public wrapper.
 
-    ``tiles``: (BLOCK_N, BLOCK_E, BLOCK_B) powers of two, to override the defaults (tests).
+    ``tiles``: (BLOCK_M, BLOCK_E, BLOCK_B) powers of two, to override the defaults (tests).
     """
     dev = topk_ids.device
     T, K = topk_ids.shape
-    N, E, P = T * K, log2phy.shape[0], num_slots
+    M, E, P = T * K, log2phy.shape[0], num_slots
     slot_counts = torch.zeros(P, dtype=torch.int64, device=dev)
-    if N == 0:
+    if M == 0:
         empty = torch.empty(0, dtype=torch.int64, device=dev)
         return Dispatch(torch.empty(T, K, dtype=torch.int64, device=dev), slot_counts, empty, empty, 0, block_size)
     ids = topk_ids.reshape(-1).contiguous()
     log2phy, logcnt = log2phy.contiguous(), logcnt.contiguous()
-    block_n, block_e, block_b = tiles if tiles is not None else default_tiles(N, E)
-    local_rank, count = occurrence_ranks_triton(ids, log2phy, logcnt, slot_counts, block_n, block_e)
+    block_m, block_e, block_b = tiles if tiles is not None else default_tiles(M, E)
+    local_rank, count = occurrence_ranks_triton(ids, log2phy, logcnt, slot_counts, block_m, block_e)
     slot_start = torch.empty(P + 1, dtype=torch.int64, device=dev)
     _slot_scan_kernel[(1,)](slot_counts, slot_start, P, block_size, BLOCK_P=max(16, triton.next_power_of_2(P)))
     num_padded = int(slot_start[P])  # host sync: output sizes depend on it
 
-    sorted_ids = torch.full((num_padded,), N, dtype=torch.int64, device=dev)
+    sorted_ids = torch.full((num_padded,), M, dtype=torch.int64, device=dev)
     phy_ids = torch.empty(T, K, dtype=torch.int64, device=dev)
     _scatter_kernel[(count.shape[0],)](
-        ids, local_rank, count, log2phy, logcnt, slot_start, sorted_ids, phy_ids, N, E, log2phy.stride(0),
-        BLOCK_N=block_n,
+        ids, local_rank, count, log2phy, logcnt, slot_start, sorted_ids, phy_ids, M, E, log2phy.stride(0),
+        BLOCK_M=block_m,
     )
     num_blocks = num_padded // block_size
     block_slot = torch.empty(num_blocks, dtype=torch.int64, device=dev)

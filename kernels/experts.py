@@ -41,12 +41,12 @@ def moe_experts_reference(
     """Pure-torch expert compute: per used slot one gather, two F.linear and one scatter of rows."""
     _check(x, topk_weights, dispatch, weights)
     T, K = dispatch.phy_ids.shape
-    N, dtype, act = T * K, x.dtype, activation_fn(weights.act)
+    M, dtype, act = T * K, x.dtype, activation_fn(weights.act)
     # fp32 output per (token, k) pair, summed over k at the end: the combine order is then k order
     # whatever slots the pairs went to (replica placement cannot change it), as in the Triton path.
-    out = torch.empty(N, weights.hidden_size, dtype=torch.float32, device=x.device)
+    out = torch.empty(M, weights.hidden_size, dtype=torch.float32, device=x.device)
     pair_w = topk_weights.reshape(-1).float()
-    pairs = dispatch.sorted_ids[dispatch.sorted_ids < N]  # drop padding: slot-grouped flat pair ids
+    pairs = dispatch.sorted_ids[dispatch.sorted_ids < M]  # drop padding: slot-grouped flat pair ids
     for slot, ids in enumerate(pairs.split(dispatch.slot_counts.tolist())):
         if ids.numel() == 0:
             continue

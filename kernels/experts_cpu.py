@@ -164,9 +164,9 @@ def moe_experts_cpu(x: torch.Tensor, topk_weights: torch.Tensor, slot_ids: torch
     """``x [T, H]``, ``topk_weights [T, K]``, physical (or compute) slot of every pair ``slot_ids
     [T, K]`` in [0, P) -> ``y [T, H]`` in ``x.dtype`` (fp32 combine in k order, as the reference)."""
     T, K = slot_ids.shape
-    N, P = T * K, weights.num_slots
-    out = torch.zeros(N, weights.hidden_size, dtype=torch.float32, device=x.device)
-    if N == 0:
+    M, P = T * K, weights.num_slots
+    out = torch.zeros(M, weights.hidden_size, dtype=torch.float32, device=x.device)
+    if M == 0:
         return out.view(T, K, weights.hidden_size).sum(1).to(x.dtype)
     n_groups = len(weights.groups)
     sizes = [g["gate_up"].shape[0] for g in weights.groups]

@@ -1,7 +1,7 @@
 """Triton implementation of :func:`rq_tool.kernels.experts.moe_experts`.
 
 A grouped matmul over the padded blocks of ``dispatch.sorted_ids`` (vLLM fused-MoE style), in
-two kernels, each launched once per scheme group over that group's blocks (grid: block x N-tile):
+two kernels, each launched once per scheme group over that group's blocks (grid: block x column tile of BLOCK_N):
 
 1. ``_gate_up_act_kernel``: rows of x gathered by ``sorted_ids // K``, times the slot's gate and up
    tiles (two fp32 accumulators), fused: int8 row-scale dequantization (applied to the
@@ -176,7 +176,7 @@ def moe_experts_triton(
     ``tiles``: (BLOCK_N, BLOCK_K) powers of two >= 16, to override the defaults (tests).
     """
     T, K = dispatch.phy_ids.shape
-    H, I, N, bm = weights.hidden_size, weights.intermediate_size, T * K, dispatch.block_size
+    H, I, M, bm = weights.hidden_size, weights.intermediate_size, T * K, dispatch.block_size
     if bm < 16 or bm & (bm - 1):
         raise RQError(f"the Triton experts kernel needs dispatch block_size a power of two >= 16, got {bm}")
     interpret = interpreter_enabled()
@@ -186,8 +186,8 @@ def moe_experts_triton(
     dtype = x.dtype
     dot_dtype = tl.float32 if interpret else _DOT_DTYPES[dtype]
     precision = "ieee" if dot_dtype == tl.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
-    out = torch.empty(N, H, dtype=torch.float32, device=x.device)
-    if N == 0:
+    out = torch.empty(M, H, dtype=torch.float32, device=x.device)
+    if M == 0:
         return out.view(T, K, H).sum(1).to(dtype)
     x = x.contiguous()
     tw = topk_weights.reshape(-1).contiguous()
@@ -217,7 +217,7 @@ def moe_experts_triton(
         b_gu = gu_bias if gu_bias is not None else dummy.view(1, 1)
         _gate_up_act_kernel[(blocks.numel(), triton.cdiv(I, bn))](
             x, w_gu, s_gu, b_gu, dispatch.sorted_ids, blocks, dispatch.block_slot, widx, inter,
-            N, H, I, alpha, limit,
+            M, H, I, alpha, limit,
             x.stride(0), x.stride(1), w_gu.stride(0), w_gu.stride(1), w_gu.stride(2), s_gu.stride(0), s_gu.stride(1),
             b_gu.stride(0), b_gu.stride(1), inter.stride(0), inter.stride(1),
             TOP_K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INT8=int8, HAS_BIAS=gu_bias is not None, ACT=act,
@@ -227,7 +227,7 @@ def moe_experts_triton(
         b_dn = dn_bias if dn_bias is not None else dummy.view(1, 1)
         _down_combine_kernel[(blocks.numel(), triton.cdiv(H, bn))](
             inter, w_dn, s_dn, b_dn, tw, dispatch.sorted_ids, blocks, dispatch.block_slot, widx, out,
-            N, H, I,
+            M, H, I,
             inter.stride(0), inter.stride(1), w_dn.stride(0), w_dn.stride(1), w_dn.stride(2),
             s_dn.stride(0), s_dn.stride(1), b_dn.stride(0), b_dn.stride(1), out.stride(0), out.stride(1),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, INT8=int8, HAS_BIAS=dn_bias is not None,

@@ -1,6 +1,6 @@
 """The two data types the kernels exchange: a batch's :class:`Dispatch` and a layer's :class:`SlotWeights`.
 
-Legend: T tokens, K top-k, N = T*K routed (token, k) pairs, E logical experts, P physical slots,
+Legend: T tokens, K top-k, M = T*K routed (token, k) pairs, E logical experts, P physical slots,
 H hidden size, I expert intermediate size, n_g slots in scheme group g.
 
 Both live here, apart from the code that produces and consumes them, so that the torch paths
@@ -28,7 +28,7 @@ class Dispatch:
     phy_ids:     [T, K] int64, physical slot of each pair.
     slot_counts: [P] int64, pairs per slot.
     sorted_ids:  [num_padded] int64, flat pair indices ``t*K + k`` grouped by slot (ascending slot,
-                 flat order inside a slot), each slot's segment padded with the sentinel N up to a
+                 flat order inside a slot), each slot's segment padded with the sentinel M up to a
                  multiple of ``block_size`` (vLLM's ``moe_align_block_size`` layout).
     block_slot:  [num_padded // block_size] int64, slot of each block of ``sorted_ids``.
     num_padded:  int, length of ``sorted_ids``.
@@ -43,7 +43,7 @@ class Dispatch:
 
         phy_ids     = [[0, 1], [3, 2], [1, 0]]
         slot_counts = [2, 2, 1, 1]
-        sorted_ids  = [0, 5 | 1, 4 | 3, 6 | 2, 6]     (6 = N: padding)
+        sorted_ids  = [0, 5 | 1, 4 | 3, 6 | 2, 6]     (6 = M: padding)
         block_slot  = [0, 1, 2, 3]                    num_padded = 8
     """
 
@@ -56,7 +56,7 @@ class Dispatch:
 
     @property
     def num_pairs(self) -> int:
-        """N = T*K, also the sentinel value in ``sorted_ids``."""
+        """M = T*K, also the sentinel value in ``sorted_ids``."""
         return self.phy_ids.numel()
 
 

@@ -7,11 +7,14 @@ Python API (plain functions, ``rq_tool.api``; each imports its stage when called
     model = rq_tool.load("out")                                 # -> transformers CausalLM
     problems = rq_tool.verify("out")                            # -> [] when intact
 
-Legend of tensor shapes, shared by every module's docstring: T tokens, K top-k, N = T*K routed
-(token, k) pairs, E logical experts, P physical slots, R max replicas (or redundant slots, in
-export), L MoE layers, D decoder layers (dense included), G devices (GPUs), S schemes, H hidden
-size, I expert intermediate size, B independent rows (batches, steps). A module that needs
-another letter defines it in its own legend.
+Legend of tensor shapes, shared by every module's docstring: T tokens, K top-k, M = T*K routed
+(token, k) pairs, N rows of loads (calibration sequences, chunks or recorded steps), E logical
+experts, P physical slots (``P - E`` redundant ones), L MoE layers, D decoder layers (dense
+included), G devices (GPUs), S schemes, H hidden size, I expert intermediate size, B steps
+(batches of rows). R is the max replicas of one expert (``log2phy``'s last dim) in the routing
+map and kernels, the redundant slots ``P - E`` in export. A module that needs another letter
+defines it in its own legend; it never gives one of these letters another meaning
+(``tests/test_code_shape.py``).
 """
 
 __version__ = "0.1.0"

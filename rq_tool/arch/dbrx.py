@@ -7,7 +7,7 @@
 
 and its forward takes ``hidden [B, S, H]`` (not flattened) with ``top_k_index [B*S, K]``.
 Routing, shared experts (none) and on-disk names (the runtime names, no conversion) need
-nothing else. Legend: E experts, I ffn_hidden_size, H d_model.
+nothing else. Legend: E experts, I expert intermediate size (``ffn_hidden_size``), H hidden size (``d_model``).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Held-out perplexity, next-token top-1 accuracy and router load of a causal MoE LM.
 
 Texts are tokenized in order, each followed by EOS, concatenated and cut into non-overlapping
-``[N, S]`` windows until ``max_tokens`` tokens (rounded down to whole windows), so a fixed
-``max_tokens`` always scores the same tokens. Every window predicts its ``S - 1`` next tokens.
+``[N, W]`` windows until ``max_tokens`` tokens (rounded down to whole windows), so a fixed
+``max_tokens`` always scores the same tokens. Every window predicts its ``W - 1`` next tokens.
 
-Legend: ``N`` windows, ``S`` window length, ``L`` MoE layers, ``E`` experts, ``K`` top-k.
+Legend: ``N`` windows, ``W`` window length, ``L`` MoE layers, ``E`` experts, ``K`` top-k.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ def pack_tokens(tokenizer, texts: list[str], seq_len: int = defaults.HELDOUT_SEQ
 
 @torch.no_grad()
 def evaluate_ids(model, input_ids: torch.Tensor, batch_size: int = 8) -> dict:
-    """Score packed windows ``input_ids [N, S]``.
+    """Score packed windows ``input_ids [N, W]``.
 
-    Returns ``nll_sum`` (nats), ``correct`` and ``tokens`` (``N * (S - 1)`` predictions), and
-    ``load [L, E]`` int64: how many of the ``N * S`` tokens each layer's router sent to each
+    Returns ``nll_sum`` (nats), ``correct`` and ``tokens`` (``N * (W - 1)`` predictions), and
+    ``load [L, E]`` int64: how many of the ``N * W`` tokens each layer's router sent to each
     expert (its top-K, counted once per slot), or None for a model without router logits.
     """
     model.eval()

@@ -4,7 +4,7 @@ Registered in rq_tool/cli.py with one ``add_command``. ``plan_loads`` is the lib
 planning on a ``LoadSource``); the command reads the source, plans, writes the engine's file.
 
 Legend: N rows of loads, L MoE layers, E logical experts, P = E + R physical slots per layer,
-G devices (the EP size), H decoder layers.
+G devices (the EP size), D decoder layers.
 """
 
 from __future__ import annotations

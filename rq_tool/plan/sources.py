@@ -1,14 +1,14 @@
 """What ``rq plan`` reads: recorded expert loads from rq or from a serving engine (I/O only).
 
 Legend: N rows (calibration sequences, chunks or recorded steps), L MoE layers, E logical
-experts, H decoder layers (dense ones included).
+experts, D decoder layers (dense ones included).
 
 - ``profile.json`` (``rq calibrate``; v2 brings per-sequence loads and domains, v1 pooled only);
 - a safetensors file with ``loads [N, L, E]`` (optional ``domain [N]`` int64; its metadata may
   name the domains as a comma-separated ``domains`` entry);
-- SGLang's expert-distribution counts: JSON ``{"logical_count": [H][E]}`` or ``[steps][H][E]``,
+- SGLang's expert-distribution counts: JSON ``{"logical_count": [D][E]}`` or ``[steps][D][E]``,
   or its recorder's ``.pt`` dump (read with ``torch.load(weights_only=True)``, never unpickled).
-  Rows of a ``[H][E]`` table that are all zero are taken as dense layers.
+  Rows of a ``[D][E]`` table that are all zero are taken as dense layers.
 """
 
 from __future__ import annotations
@@ -64,11 +64,11 @@ def _sglang(path: Path, obj) -> LoadSource:
             raise RQError(f"{where}: no 'logical_count' (keys: {', '.join(map(str, obj)) or 'none'})")
         obj = obj["logical_count"]
     t = _counts(obj, where)
-    H = t.shape[1]
+    D = t.shape[1]
     moe = (t.sum((0, 2)) > 0).nonzero().flatten()
     if moe.numel() == 0:
         raise RQError(f"{where}: every count is zero; nothing to plan")
-    return LoadSource(path, "sglang", t[:, moe], tuple(moe.tolist()), H, rows_are_steps=t.shape[0] > 1)
+    return LoadSource(path, "sglang", t[:, moe], tuple(moe.tolist()), D, rows_are_steps=t.shape[0] > 1)
 
 
 def _safetensors(path: Path) -> LoadSource:
@@ -108,9 +108,9 @@ def _profile(path: Path) -> LoadSource:
     prof = Profile.load(path)
     seq = prof.seq_loads.double() if prof.seq_loads is not None else prof.load_matrix().double()[None]
     layers = tuple(lp.layer for lp in prof.layers)
-    H = prof.model.get("num_hidden_layers")
-    H = int(H) if isinstance(H, int) and H > max(layers) else max(layers) + 1
-    return LoadSource(path, "profile", seq, layers, H, top_k=prof.model.get("top_k"),
+    D = prof.model.get("num_hidden_layers")
+    D = int(D) if isinstance(D, int) and D > max(layers) else max(layers) + 1
+    return LoadSource(path, "profile", seq, layers, D, top_k=prof.model.get("top_k"),
                       tokens_per_row=prof.calibration.get("seq_len") if prof.seq_loads is not None else None,
                       groups=prof.seq_domain, group_names=None if prof.domains is None else tuple(prof.domains),
                       source_scheme=str(prof.model.get("expert_dtype") or "bf16"),

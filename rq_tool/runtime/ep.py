@@ -1,7 +1,7 @@
 """Expert parallelism for rewritten models, on transformers' own EP machinery.
 
 Legend: T tokens (this rank), K top-k, E logical experts, P physical slots, G expert-parallel
-ranks (devices), N routed pairs.
+ranks (devices), M routed pairs.
 
 transformers 5.x runs MoE models expert-parallel under torchrun with
 ``DistributedConfig(ep_size=G, fsdp_size=G)``: the model's ``ep_plan`` names the experts module

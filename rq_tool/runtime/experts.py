@@ -156,8 +156,8 @@ class RQExperts(nn.Module):
                             getattr(self, "slot_device", None), self.num_devices, counts_before, step_counts)
 
     def forward_local(self, hidden_states: torch.Tensor, local_slot: torch.Tensor) -> torch.Tensor:
-        """Rows ``hidden_states [N, H]`` through materialised slot ``local_slot [N]`` (index into
-        ``local_slots``), unweighted -> ``[N, H]``."""
+        """Rows ``hidden_states [M, H]`` through materialised slot ``local_slot [M]`` (index into
+        ``local_slots``), unweighted -> ``[M, H]``."""
         dispatch = dispatch_from_phy(local_slot.view(-1, 1), self.local_slots.numel())
         ones = torch.ones(local_slot.numel(), 1, dtype=hidden_states.dtype, device=hidden_states.device)
         return moe_experts(hidden_states, ones, dispatch, self.slot_weights())

@@ -13,6 +13,9 @@ if len(_kept) < len(sys.path):
     if importlib.util.find_spec("rq_tool") is None:  # pragma: no cover - not installed
         raise RuntimeError("rq_tool is not installed: pip install -e '.[test]' (see README)")
 sys.path.insert(0, str(Path(__file__).parent))
+# the same for the Python subprocesses tests start from the repo root (`python -c`, `-m`): without
+# this, transformers (>= 5.25 depends on PyPI's `kernels`) would import our folder in its place
+os.environ["PYTHONSAFEPATH"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # Triton runs on CPU only in its interpreter, which must be chosen before triton is first

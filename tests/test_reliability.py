@@ -182,7 +182,7 @@ class ForkServer:
 
 
 SHARD_BYTES = 128 << 10  # many small output shards: kills land between them too
-KILLS = 8
+KILLS = 4  # every (first write | --force replace) x (SIGINT | SIGKILL) once, at a seeded random time
 
 
 def synthetic_profile(src: Path, layers, num_experts: int, seed: int = 0):
@@ -213,6 +213,7 @@ def big(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_rewrite_survives_kills(big, tmp_path):
     out = tmp_path / "out"
     argv = ["rewrite", big / "src", "-p", big / "p.json", "-o", out, "--force"]

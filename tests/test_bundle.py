@@ -1,6 +1,6 @@
 """The rewritten model directory is self-contained: its bundled runtime loads it where rq-tool is
-not installed (a fresh process that sees only the system's torch + transformers; an rq-tool the
-system python may have, e.g. an editable install, is blocked in it: importing it fails)."""
+not installed (a fresh process of the test's own interpreter, so it has the same torch + transformers,
+in which rq-tool -- installed here, editable -- is blocked: importing it fails)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_model_dir_loads_without_rq_tool(rewritten_tiny, tmp_path, one_thread): 
     import rq_tool
 
     out = rewritten_tiny / "out"
-    python = getattr(sys, "_base_executable", sys.executable)  # the system python, not the project venv
+    python = sys.executable  # same torch + transformers (a fresh machine has them only in the venv); rq_tool blocked
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     ids = [[3, 1, 4, 1, 5, 9]]

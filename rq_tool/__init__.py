@@ -14,7 +14,7 @@ included), G devices (GPUs), S schemes, H hidden size, I expert intermediate siz
 (batches of rows). R is the max replicas of one expert (``log2phy``'s last dim) in the routing
 map and kernels, the redundant slots ``P - E`` in export. A module that needs another letter
 defines it in its own legend; it never gives one of these letters another meaning
-(``tests/test_code_shape.py``).
+(``tests/cli/test_code_shape.py``).
 """
 
 __version__ = "0.1.0"

@@ -56,7 +56,7 @@ class TrainConfig:
     tokenizer_chars: int = 2_000_000  # per domain, for BPE training
     train_chars: int = 4_000_000  # per domain, for the token stream the batches are cut from
     eval_tokens: int = defaults.HELDOUT_TOKENS  # per domain
-    test_tokens: int = 2048  # per domain, the subset tests/test_tiny_moe.py re-scores
+    test_tokens: int = 2048  # per domain, the subset tests/calibrate/test_tiny_moe.py re-scores
     eval_batch: int = defaults.HELDOUT_BATCH_SIZE
 
 

@@ -11,7 +11,7 @@ from rq_tool.eval.ep import (contiguous_devices, contiguous_max_mean, eplb_max_m
 
 # the calibration-size study is a script's helper (scripts/calib_study.py), not part of the package
 _spec = importlib.util.spec_from_file_location(
-    "calib_study", Path(__file__).resolve().parent.parent / "scripts" / "calib_study.py")
+    "calib_study", Path(__file__).resolve().parents[2] / "scripts" / "calib_study.py")
 _study = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_study)
 size_study, spearman = _study.size_study, _study.spearman

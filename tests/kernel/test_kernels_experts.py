@@ -16,6 +16,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kernel_cases import ROUTING_GRID  # noqa: E402
+
 from rq_tool.arch.activation import expert_forward  # noqa: E402
 from rq_tool.kernels import SlotWeights, moe_experts, moe_experts_reference, replica_dispatch_reference  # noqa: E402
 from rq_tool.quant import get_scheme  # noqa: E402
@@ -106,9 +108,7 @@ def run_triton(x, topk_weights, dispatch, weights, **kw):
     return moe_experts(dev(x), dev(topk_weights), d, weights.to(DEVICE), impl="triton").cpu()
 
 
-@pytest.mark.parametrize("K", [1, 2, 8])
-@pytest.mark.parametrize("E", [8, 16, 64, 128])
-@pytest.mark.parametrize("T", [0, 1, 33, 4096])
+@pytest.mark.parametrize("T,E,K", ROUTING_GRID)
 def test_reference_matches_naive_grid(T, E, K):
     x, tw, d, w, dense = make_case(T, E, K, seed=T + E + K)
     y = moe_experts_reference(x, tw, d, w)

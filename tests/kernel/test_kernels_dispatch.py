@@ -15,6 +15,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kernel_cases import ROUTING_GRID  # noqa: E402
+
 from rq_tool.errors import RQError  # noqa: E402
 from rq_tool.kernels import replica_dispatch, replica_dispatch_reference, resolve_impl  # noqa: E402
 
@@ -77,9 +79,7 @@ def test_hand_made_example():
 
 
 @pytest.mark.parametrize("block_size", [1, 16])
-@pytest.mark.parametrize("K", [1, 2, 8])
-@pytest.mark.parametrize("E", [8, 16, 64, 128])
-@pytest.mark.parametrize("T", [0, 1, 33, 4096])
+@pytest.mark.parametrize("T,E,K", ROUTING_GRID)
 def test_reference_matches_naive(T, E, K, block_size):
     topk_ids, log2phy, logcnt, P = random_routing(T, E, K, seed=T * 1000 + E + K)
     d = replica_dispatch_reference(topk_ids, log2phy, logcnt, P, block_size)
@@ -116,7 +116,7 @@ def test_split_is_exact(T, E, K):
 
 # The dispatch kernels are cheap even interpreted (a handful of programs per call), so the kernel
 # runs on the full T x E x K grid at block_size 64, plus small (many blocks) and large block sizes.
-KERNEL_CASES = [(T, E, K, 64) for T in (0, 1, 33, 4096) for E in (8, 16, 64, 128) for K in (1, 2, 8)] + [
+KERNEL_CASES = [(T, E, K, 64) for T, E, K in ROUTING_GRID] + [
     (1, 8, 1, 16),
     (33, 16, 2, 16),
     (33, 128, 8, 32),

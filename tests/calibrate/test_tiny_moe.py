@@ -118,7 +118,7 @@ def test_calibration_math_is_not_training_math():
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "make_calibration_sets", Path(__file__).parents[1] / "scripts" / "make_calibration_sets.py")
+        "make_calibration_sets", Path(__file__).parents[2] / "scripts" / "make_calibration_sets.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.CALIBRATION_MATH_SEED != corpus.MATH_SEED

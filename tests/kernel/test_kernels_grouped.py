@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from slot_maps import slot_maps
+from kernel_cases import slot_maps
 
 from rq_tool.kernels import SlotWeights, moe_experts_grouped, moe_experts_reference, replica_dispatch_reference
 

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from slot_maps import slot_maps
+from kernel_cases import slot_maps
 
 from rq_tool.kernels.split import _pour, assign_slots, load_aware_split, round_robin_split, split_counts
 

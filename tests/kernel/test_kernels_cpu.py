@@ -3,7 +3,7 @@ dequantized cache and identical-replica merging agree with the per-slot torch re
 
 import pytest
 import torch
-from slot_maps import slot_maps
+from kernel_cases import slot_maps
 
 from rq_tool.kernels import SlotWeights, moe_experts_reference, replica_dispatch_reference
 from rq_tool.kernels.experts_cpu import DequantCache, identical_slots, moe_experts_cpu

@@ -1,6 +1,12 @@
-"""Shared test helper: the EPLB-style maps of a slot layout."""
+"""Shared kernel-test cases: the routing grid every kernel is checked over, and the EPLB-style maps
+of a slot layout."""
 
 import torch
+
+TOKENS = (0, 1, 33, 4096)  # empty, decode, ragged, a prefill-sized batch
+EXPERTS = (8, 16, 64, 128)
+TOP_K = (1, 2, 8)
+ROUTING_GRID = [(T, E, K) for T in TOKENS for E in EXPERTS for K in TOP_K]  # (T, E, K)
 
 
 def slot_maps(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

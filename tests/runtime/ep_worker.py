@@ -1,6 +1,6 @@
-"""torchrun worker for the expert-parallel tests (tests/test_ep.py): one rank of a gloo group.
+"""torchrun worker for the expert-parallel tests (tests/runtime/test_ep.py): one rank of a gloo group.
 
-    python -m torch.distributed.run --nproc-per-node G tests/ep_worker.py OUT CASE [CASE ...]
+    python -m torch.distributed.run --nproc-per-node G tests/runtime/ep_worker.py OUT CASE [CASE ...]
 
 CASE is ``PLACED_DIR=REFERENCE_DIR``: the placed rewritten model runs expert-parallel (the first
 case through ``AutoModelForCausalLM.from_pretrained(..., distributed_config=...)``, the others

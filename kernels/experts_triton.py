@@ -20,8 +20,12 @@ every operand is converted to fp32 first.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+try:  # optional (CUDA, or TRITON_INTERPRET=1): a try block keeps transformers' remote-code import check
+    import triton  # from demanding triton of a rewritten model loaded where only the torch paths run
+    import triton.language as tl
+except ImportError as e:  # pragma: no cover - imported only when the Triton backend was chosen
+    raise ImportError(f"{__name__} needs triton (pip install 'rq-tool[kernels]')") from e
 
 from rq_tool.errors import RQError
 

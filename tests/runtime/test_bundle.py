@@ -91,6 +91,17 @@ def test_bundle_is_derived_from_the_import_graph(tmp_path):
                 assert not mod.startswith("rq_tool"), f"{name} still imports {mod}"
 
 
+def test_remote_code_import_check_asks_only_for_torch_and_transformers(tmp_path):
+    """transformers runs ``check_imports`` on every remote-code file fetched from the Hub: no bundled
+    file may demand a package beyond torch / transformers / safetensors (triton is optional, in a try)."""
+    from transformers.dynamic_module_utils import get_imports
+
+    names = bundle.write_bundle(tmp_path)
+    wanted = {name: sorted(set(get_imports(str(tmp_path / name))) - bundle.ALLOWED) for name in names}
+    assert {n: w for n, w in wanted.items() if w} == {}
+    assert any("triton" in (tmp_path / n).read_text() for n in names)  # the kernels are bundled, guarded
+
+
 def test_bundling_rejects_a_runtime_that_needs_another_package(tmp_path, monkeypatch):
     pkg = tmp_path / "rq_tool_fake"
     (pkg).mkdir()

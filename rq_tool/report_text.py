@@ -68,8 +68,8 @@ def plan_table(plan) -> str:
         lines += _device_lines(plan)
     elif plan.balance:  # the guarded greedy: no placement of its own, scored placed in the original shares
         b = plan.balance
-        lines += _balance_lines(b, b.get("policy", "round-robin"), f" on EP {b.get('num_devices')} (replicated layers' slots placed "
-                                "heaviest first within the original per-device memory)")
+        lines += _balance_lines(b, b.get("policy", "round-robin"), f" on EP {b.get('num_devices')} (replicated layers' "
+                                "slots placed heaviest first within the original per-device memory)")
     return "\n".join(lines)
 
 

@@ -74,7 +74,10 @@ def build_plan(profile: Profile, layout: ExpertLayout, config: RewriteConfig, **
     if config.ep_size is not None:
         return _build_ep_plan(profile, layout, load, error, names, scheme_bytes, budget_bytes, config.global_budget,
                               config.ep_size, config.ep_devices, config.importance, config.max_error, per_step)
-    if config.strategy == "greedy" and config.max_error is not None and not config.global_budget:
+    # the guard keeps hot experts precise, so it needs at least the original bytes; a budget below
+    # 1.0x is met by the plain greedy (the budget wins over the error cap, as documented)
+    if (config.strategy == "greedy" and config.max_error is not None and not config.global_budget
+            and bool((torch.as_tensor(budget_bytes) >= torch.as_tensor(layer_bytes)).all())):
         from ..plan.guarded import plan_guarded
 
         seq = profile.seq_loads.double() if profile.seq_loads is not None else load[None]

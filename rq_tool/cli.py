@@ -177,7 +177,7 @@ def calibrate(model, out, dataset, dataset_config, split, text_field, num_sample
               help="Cap on predicted quantization noise per layer, relative to the layer's expert output power "
                    "(1e-3 = 30 dB SQNR). With greedy it also keeps hot / important experts in the source precision "
                    "(int8 before nf4) and keeps only replicas that hold up on held-out calibration domains; "
-                   "'none' (or inf): no cap, no guard (the plain greedy).")
+                   "'none' (or off): no cap, no guard (the plain greedy).")
 @click.option("--ep-devices", type=BoundedInt(1, MAX_DEVICES), default=_REWRITE.ep_devices,
               help="Also make each layer's slots pack onto this many expert-parallel devices within the original "
                    "per-device memory (cheaper schemes first, then fewer replicas).")

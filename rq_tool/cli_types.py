@@ -59,10 +59,10 @@ class BoundedFloat(click.ParamType):
 
 
 class CapOrOff(BoundedFloat):
-    """A ``BoundedFloat`` cap, or one of ``OFF_WORDS`` (``none``, ``off``, ``inf``) for no cap (None)."""
+    """A ``BoundedFloat`` cap, or one of ``OFF_WORDS`` (``none``, ``off``) for no cap (None)."""
 
     name = "number|none"
-    OFF_WORDS = ("none", "off", "inf")
+    OFF_WORDS = ("none", "off")
 
     def convert(self, value, param, ctx):
         if value is None or str(value).strip().lower() in self.OFF_WORDS:

@@ -54,5 +54,5 @@ def test_shifting_hot_expert_keeps_original_layout():
 
 def test_max_error_none_turns_the_cap_off():
     assert CapOrOff(0.0, 1.0).convert("none", None, None) is None
-    assert CapOrOff(0.0, 1.0).convert("inf", None, None) is None
+    assert CapOrOff(0.0, 1.0).convert("off", None, None) is None
     assert CapOrOff(0.0, 1.0).convert("0.01", None, None) == 0.01

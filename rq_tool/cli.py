@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from . import defaults
-from .cli_types import BUDGET, MAX_DEVICES, SCHEME_LIST, BoundedFloat, BoundedInt
+from .cli_types import BUDGET, MAX_DEVICES, SCHEME_LIST, BoundedInt, CapOrOff
 from .errors import RQError
 from .outputs import Terminated, check_output, json_file_kind, signals_as_interrupt, write_text
 from .rewrite.config import RewriteConfig
@@ -173,23 +173,27 @@ def calibrate(model, out, dataset, dataset_config, split, text_field, num_sample
 @click.option("--importance", default=_REWRITE.importance, show_default=True,
               type=click.Choice(defaults.IMPORTANCE),
               help="What picks the experts to quantize: measured quantization damage, or routing frequency only.")
-@click.option("--max-error", type=BoundedFloat(0.0, 1e6), default=_REWRITE.max_error,
+@click.option("--max-error", type=CapOrOff(0.0, 1e6), default=_REWRITE.max_error, show_default=True,
               help="Cap on predicted quantization noise per layer, relative to the layer's expert output power "
-                   "(1e-3 = 30 dB SQNR); unset: only the budget and LIS gains limit it.")
+                   "(1e-3 = 30 dB SQNR). With greedy it also keeps hot / important experts in the source precision "
+                   "(int8 before nf4) and keeps only replicas that hold up on held-out calibration domains; "
+                   "'none' (or off): no cap, no guard (the plain greedy).")
 @click.option("--ep-devices", type=BoundedInt(1, MAX_DEVICES), default=_REWRITE.ep_devices,
               help="Also make each layer's slots pack onto this many expert-parallel devices within the original "
                    "per-device memory (cheaper schemes first, then fewer replicas).")
 @click.option("--ep-size", type=BoundedInt(1, MAX_DEVICES), default=_REWRITE.ep_size,
               help="Plan for this many expert-parallel devices: per-step, shift-robust replicas placed within each "
-                   "device's share, hot experts kept in source precision, --max-error default "
-                   f"{defaults.MAX_ERROR:g}; writes the placement into the routing map (load-aware dispatch). "
-                   "--strategy is not used.")
+                   "device's share, hot experts kept in source precision (--max-error); writes the placement "
+                   "into the routing map (load-aware dispatch). --strategy is not used.")
+@click.option("--batch-tokens", type=BoundedInt(1, 1 << 40), default=_REWRITE.batch_tokens,
+              help=f"Tokens per step the per-step checks score (greedy's held-out check, --ep-size); default: "
+                   f"{defaults.SEQS_PER_STEP} calibration sequences.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory written by rq (never any other "
               "directory: rq checks its manifest lists every file there).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, importance, max_error, ep_devices,
-            ep_size, dry_run, force, as_json):
+            ep_size, batch_tokens, dry_run, force, as_json):
     """Replicate heavy-hitter experts and quantize cold ones of MODEL (default: bundled tiny MoE)."""
     from .report_text import plan_table
     from .rewrite import rewrite as run
@@ -198,7 +202,7 @@ def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, 
         raise RQError("--out is required (or use --dry-run to only print the plan)")
     config = RewriteConfig(budget=budget, global_budget=global_budget, strategy=strategy, schemes=tuple(schemes),
                            importance=importance, max_error=max_error, ep_devices=ep_devices,
-                           ep_size=ep_size)
+                           ep_size=ep_size, batch_tokens=batch_tokens)
     res = run(model, profile_path, out, config, force=force, dry_run=dry_run, progress=not as_json)
     if as_json:
         click.echo(json.dumps({"plan": res.plan.to_dict(), "out": str(res.out) if res.out else None}))

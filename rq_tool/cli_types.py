@@ -58,6 +58,18 @@ class BoundedFloat(click.ParamType):
         return v
 
 
+class CapOrOff(BoundedFloat):
+    """A ``BoundedFloat`` cap, or one of ``OFF_WORDS`` (``none``, ``off``) for no cap (None)."""
+
+    name = "number|none"
+    OFF_WORDS = ("none", "off")
+
+    def convert(self, value, param, ctx):
+        if value is None or str(value).strip().lower() in self.OFF_WORDS:
+            return None
+        return super().convert(value, param, ctx)
+
+
 class BudgetSpec(click.ParamType):
     """A ``--budget`` spec (factor or size, see ``rq_tool.plan.budget``) of sane magnitude; the
     string is passed on unchanged for the exact parser."""

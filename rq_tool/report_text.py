@@ -66,6 +66,10 @@ def plan_table(plan) -> str:
                  f"fraction of its expert output power (1e-3 = 0.1%, 30 dB SQNR){cap}")
     if getattr(plan, "num_devices", None):
         lines += _device_lines(plan)
+    elif plan.balance:  # the guarded greedy: no placement of its own, scored placed in the original shares
+        b = plan.balance
+        lines += _balance_lines(b, b.get("policy", "round-robin"), f" on EP {b.get('num_devices')} (replicated layers' "
+                                "slots placed heaviest first within the original per-device memory)")
     return "\n".join(lines)
 
 
@@ -79,21 +83,26 @@ def _device_lines(plan) -> list[str]:
         fullest.append(float(per.max()) / max(lp.bytes_before / G, 1))
     lines = [f"EP {G} devices: fullest device {max(fullest):.3f}x its original share of expert memory "
              f"(worst layer)"]
-    b = plan.balance or {}
-    pol = b.get("policies", {}).get("load-aware")
-    if pol:
-        lines.append(f"predicted per-step device max/mean ({b['per_step']} calibration sequences per step, load-aware "
-                     "dispatch; mean [p10-p90] over resampled steps), standard EP -> this plan:")
-        for name, v in pol.items():
-            bf, af = v["before"], v["after"]
-            lines.append(f"  {name:<12} {bf['mean']:.3f} [{bf['p10']:.2f}-{bf['p90']:.2f}] -> "
-                         f"{af['mean']:.3f} [{af['p10']:.2f}-{af['p90']:.2f}]")
-        folds = b.get("folds") or []
-        ratio = b.get("heldout_ratio") or []
-        kept = sum(c == "original" for c in b.get("choice", []))
-        if folds and ratio:
-            lines.append(f"held out (leave-one-out over {', '.join(folds)}): worst layer after/before {max(ratio):.3f}; "
-                         f"{kept}/{len(ratio)} layers keep standard EP (replication did not hold up there)")
-        elif b.get("sequences") == 1:
-            lines.append("note: the profile has no per-sequence loads (v1): planned on pooled loads, no held-out check")
+    return lines + _balance_lines(plan.balance or {}, "load-aware", "")
+
+
+def _balance_lines(b: dict, policy: str, where: str) -> list[str]:
+    """The predicted per-step balance of ``policy`` (gain with its spread) and the held-out check."""
+    pol = b.get("policies", {}).get(policy)
+    if not pol:
+        return []
+    lines = [f"predicted per-step device max/mean{where} ({b['per_step']} calibration rows per step, {policy} "
+             "dispatch; mean [p10-p90] over resampled steps), standard EP -> this plan:"]
+    for name, v in pol.items():
+        bf, af = v["before"], v["after"]
+        lines.append(f"  {name:<12} {bf['mean']:.3f} [{bf['p10']:.2f}-{bf['p90']:.2f}] -> "
+                     f"{af['mean']:.3f} [{af['p10']:.2f}-{af['p90']:.2f}]  (gain {bf['mean'] - af['mean']:+.3f})")
+    folds = b.get("folds") or []
+    ratio = b.get("heldout_ratio") or []
+    kept = sum(c == "original" for c in b.get("choice", []))
+    if folds and ratio:
+        lines.append(f"held out (leave-one-out over {', '.join(folds)}): worst layer after/before {max(ratio):.3f}; "
+                     f"{kept}/{len(ratio)} layers keep the original layout (replication did not hold up there)")
+    elif b.get("sequences") == 1:
+        lines.append("note: the profile has no per-sequence loads (v1): planned on pooled loads, no held-out check")
     return lines

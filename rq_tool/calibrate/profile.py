@@ -98,6 +98,14 @@ class Profile:
     def num_experts(self) -> int:
         return int(self.model["num_experts"])
 
+    @property
+    def tokens_per_row(self) -> int:
+        """Tokens behind one row of ``seq_loads``: a chunk's (``rq calibrate --chunk-tokens``) or a sequence's."""
+        ref = self.loads_ref or {}
+        n = (self.calibration.get("chunk_tokens") or ref.get("tokens_per_row") or ref.get("tokens_per_sequence")
+             or self.calibration.get("seq_len") or 1)
+        return int(n)
+
     def load_matrix(self) -> torch.Tensor:
         """``[L, E]`` int64 loads of the MoE layers, in layer order."""
         return torch.stack([lp.load for lp in self.layers])

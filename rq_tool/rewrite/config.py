@@ -26,10 +26,15 @@ class RewriteConfig:
     - ``strategy``: a name of ``rq_tool.plan.STRATEGIES``.
     - ``schemes``: quantization schemes the planner may use.
     - ``importance``: what picks the experts to quantize (``defaults.IMPORTANCE``).
-    - ``max_error``: cap on predicted quantization noise relative to expert output power, or None.
+    - ``max_error``: cap on predicted quantization noise relative to expert output power
+      (default ``defaults.MAX_ERROR``), or None: no cap. With the greedy strategy (per-layer
+      budget) a cap also turns on the accuracy guard and the held-out replica check
+      (``rq_tool.plan.guarded``); None plans the plain greedy of earlier versions.
     - ``ep_devices``: also fit every layer's slots onto this many EP devices, or None.
     - ``ep_size``: plan per step for this many expert-parallel devices with the placement in the
       loop (``rq_tool.plan.ep_plan``; ``strategy`` is then not used), or None.
+    - ``batch_tokens``: tokens per step the per-step planners score (the guarded greedy's held-out
+      check, ``ep_size``); None: ``defaults.SEQS_PER_STEP`` calibration rows per step.
     """
 
     VERSION: ClassVar[int] = 1
@@ -39,9 +44,10 @@ class RewriteConfig:
     strategy: str = defaults.STRATEGY
     schemes: tuple[str, ...] = defaults.QUANT_SCHEMES
     importance: str = defaults.IMPORTANCE_DEFAULT
-    max_error: float | None = None
+    max_error: float | None = defaults.MAX_ERROR
     ep_devices: int | None = None
     ep_size: int | None = None
+    batch_tokens: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "schemes", tuple(self.schemes))
@@ -49,6 +55,8 @@ class RewriteConfig:
             raise RQError(f"unknown strategy {self.strategy!r}; known: {', '.join(defaults.STRATEGIES)}")
         if self.importance not in defaults.IMPORTANCE:
             raise RQError(f"unknown --importance {self.importance!r}; known: {', '.join(defaults.IMPORTANCE)}")
+        if self.batch_tokens is not None and not (isinstance(self.batch_tokens, int) and self.batch_tokens >= 1):
+            raise RQError(f"--batch-tokens must be an integer >= 1, got {self.batch_tokens!r}")
         # max_error and ep_devices are checked where they are used (PlanOptions, plan.fit)
 
     def plan_options(self, **overrides):

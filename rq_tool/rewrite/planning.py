@@ -70,11 +70,23 @@ def build_plan(profile: Profile, layout: ExpertLayout, config: RewriteConfig, **
     budget_bytes = resolve_budget(config.budget, layer_bytes, config.global_budget)
     if config.ep_size is not None or getattr(STRATEGIES.get(config.strategy), "enforces_budget", False):
         _check_quantized_source_budget(layout, budget_bytes, scheme_bytes, names, config.global_budget)
+    per_step = steps_per_profile(profile, config.batch_tokens)
     if config.ep_size is not None:
         return _build_ep_plan(profile, layout, load, error, names, scheme_bytes, budget_bytes, config.global_budget,
-                              config.ep_size, config.ep_devices, config.importance, config.max_error)
-    plan = make_plan(load, error, names, scheme_bytes, budget_bytes, config.plan_options(**option_overrides),
-                     global_budget=config.global_budget, layer_ids=list(layout.layers))
+                              config.ep_size, config.ep_devices, config.importance, config.max_error, per_step)
+    # the guard keeps hot experts precise, so it needs at least the original bytes; a budget below
+    # 1.0x is met by the plain greedy (the budget wins over the error cap, as documented)
+    if (config.strategy == "greedy" and config.max_error is not None and not config.global_budget
+            and bool((torch.as_tensor(budget_bytes) >= torch.as_tensor(layer_bytes)).all())):
+        from ..plan.guarded import plan_guarded
+
+        seq = profile.seq_loads.double() if profile.seq_loads is not None else load[None]
+        plan = plan_guarded(seq, error, names, scheme_bytes, budget_bytes, config.plan_options(**option_overrides),
+                            groups=profile.seq_domain, group_names=profile.domains, per_step=per_step,
+                            layer_ids=list(layout.layers))
+    else:
+        plan = make_plan(load, error, names, scheme_bytes, budget_bytes, config.plan_options(**option_overrides),
+                         global_budget=config.global_budget, layer_ids=list(layout.layers))
     if config.ep_devices:
         from ..plan.fit import fit_devices
 
@@ -82,10 +94,17 @@ def build_plan(profile: Profile, layout: ExpertLayout, config: RewriteConfig, **
     return plan
 
 
+def steps_per_profile(profile: Profile, batch_tokens: int | None) -> int:
+    """Calibration rows summed into one planned step: ``batch_tokens`` over the tokens behind one
+    row of the profile's loads (a sequence, or a chunk), else ``defaults.SEQS_PER_STEP``."""
+    if batch_tokens is None or profile.seq_loads is None:
+        return defaults.SEQS_PER_STEP
+    return max(1, round(int(batch_tokens) / max(profile.tokens_per_row, 1)))
+
+
 def _build_ep_plan(profile, layout, load, error, names, scheme_bytes, budget_bytes, global_budget, ep_size, ep_devices,
-                   importance, max_error):
+                   importance, max_error, per_step):
     """``--ep-size G``: the per-step, shift-robust planner with device placement (``rq_tool.plan.ep_plan``)."""
-    from .. import defaults
     from ..plan.ep_plan import plan_ep
 
     if int(ep_size) < 1:
@@ -95,9 +114,9 @@ def _build_ep_plan(profile, layout, load, error, names, scheme_bytes, budget_byt
     if global_budget:
         raise RQError("--ep-size plans each layer within its own per-device shares; drop --global")
     seq = profile.seq_loads.double() if profile.seq_loads is not None else load[None]
-    return plan_ep(seq, error, names, scheme_bytes, budget_bytes, int(ep_size),
-                   max_error=defaults.MAX_ERROR if max_error is None else max_error, groups=profile.seq_domain,
-                   group_names=profile.domains, layer_ids=list(layout.layers), error_weight=importance)
+    return plan_ep(seq, error, names, scheme_bytes, budget_bytes, int(ep_size), max_error=max_error,
+                   groups=profile.seq_domain, group_names=profile.domains, per_step=per_step,
+                   layer_ids=list(layout.layers), error_weight=importance)
 
 
 def _check_quantized_source_budget(layout: ExpertLayout, budget_bytes, scheme_bytes, names, global_budget) -> None:

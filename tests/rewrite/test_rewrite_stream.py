@@ -52,3 +52,25 @@ def test_streamed_slots_equal_the_reference_construction(model_type, dtype, tmp_
             if "gate_up_bias" in canon:
                 assert torch.equal(out[prefix + "gate_up_bias"], canon["gate_up_bias"][idx])
                 assert torch.equal(out[prefix + "down_bias"], canon["down_bias"][idx])
+
+
+def test_cyclic_gc_paused_only_during_the_stream(monkeypatch):
+    """The streaming pass runs with Python's cyclic GC off and restores it, also on errors."""
+    import gc
+
+    from rq_tool.rewrite import writer
+
+    seen = []
+
+    def boom(*a, **k):
+        seen.append(gc.isenabled())
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writer, "write_steps", boom)
+    monkeypatch.setattr(writer, "plan_steps", lambda *a: ([], {}))
+    monkeypatch.setattr(writer, "output_entries", lambda *a: [])
+    assert gc.isenabled()
+    with pytest.raises(OSError):
+        writer._stream(type("C", (), {"stored": {}})(), None, None, None, __import__("pathlib").Path("/nonexistent-rq"),
+                       1 << 20, False, 1)
+    assert seen == [False] and gc.isenabled()

@@ -25,7 +25,13 @@ from pathlib import Path
 def cases(profile: str | None) -> dict[str, str]:
     out = {"rq --help": "import sys; sys.argv = ['rq', '--help']; from rq_tool.cli import main; main()",
            "import rq_tool.runtime.routing_map": "import rq_tool.runtime.routing_map",
-           "import rq_tool.runtime.hf": "import rq_tool.runtime.hf"}
+           "import rq_tool.runtime.hf": "import rq_tool.runtime.hf",
+           # floors of the dry-run: what planning cannot avoid (torch) and what the profile's config
+           # fingerprint needs (transformers' config class, no modeling code)
+           "floor: import torch": "import torch",
+           "floor: torch + AutoConfig": ("import torch; from rq_tool.modelio import resolve_model_path; "
+                                         "from transformers import AutoConfig; "
+                                         "AutoConfig.from_pretrained(resolve_model_path(None))")}
     if profile:
         out["rq rewrite --dry-run"] = (f"import sys; sys.argv = ['rq', 'rewrite', '--profile', {profile!r}, '--dry-run']; "
                                        "from rq_tool.cli import main; main()")

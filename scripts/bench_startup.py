@@ -23,9 +23,18 @@ from pathlib import Path
 
 
 def cases(profile: str | None) -> dict[str, str]:
-    out = {"rq --help": "import sys; sys.argv = ['rq', '--help']; from rq_tool.cli import main; main()",
+    out = {"get_family (meta model)": ("from rq_tool.arch import get_family; "
+                                       "from rq_tool.modelio import read_config_dict, resolve_model_path; "
+                                       "get_family(read_config_dict(resolve_model_path(None)))"),
+           "rq --help": "import sys; sys.argv = ['rq', '--help']; from rq_tool.cli import main; main()",
            "import rq_tool.runtime.routing_map": "import rq_tool.runtime.routing_map",
-           "import rq_tool.runtime.hf": "import rq_tool.runtime.hf"}
+           "import rq_tool.runtime.hf": "import rq_tool.runtime.hf",
+           # floors of the dry-run: what planning cannot avoid (torch) and what the profile's config
+           # fingerprint needs (transformers' config class, no modeling code)
+           "floor: import torch": "import torch",
+           "floor: torch + AutoConfig": ("import torch; from rq_tool.modelio import resolve_model_path; "
+                                         "from transformers import AutoConfig; "
+                                         "AutoConfig.from_pretrained(resolve_model_path(None))")}
     if profile:
         out["rq rewrite --dry-run"] = (f"import sys; sys.argv = ['rq', 'rewrite', '--profile', {profile!r}, '--dry-run']; "
                                        "from rq_tool.cli import main; main()")
@@ -73,13 +82,14 @@ def main() -> None:
                         sys.exit(f"{case} ({name}) failed:\n{r.stderr[-2000:]}")
                     times.setdefault((case, name), []).append(dt)
     names = list(trees)
-    print(f"median of {args.repeats} runs, fresh interpreter each (load average {os.getloadavg()[0]:.1f})")
+    print(f"median (min-max) of {args.repeats} runs, fresh interpreter each (load average {os.getloadavg()[0]:.1f})")
     print(f"| case | {' | '.join(names)} |" + (f" {names[-1]} / {names[0]} |" if len(names) > 1 else ""))
     print("|---|" + "---|" * (len(names) + (len(names) > 1)))
     for case in cases(args.profile):
         med = [statistics.median(times[(case, n)]) for n in names]
         ratio = f" {med[-1] / med[0]:.2f}x |" if len(names) > 1 else ""
-        print(f"| {case} | " + " | ".join(f"{m:.2f} s" for m in med) + " |" + ratio)
+        spread = ["{:.2f}-{:.2f}".format(min(times[(case, n)]), max(times[(case, n)])) for n in names]
+        print(f"| {case} | " + " | ".join(f"{m:.2f} s ({r})" for m, r in zip(med, spread)) + " |" + ratio)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 References (same contracts, exact index equality): ``kernels.split.load_aware_split``,
 ``round_robin_split`` and ``assign_slots``. Legend: B rows (steps), E logical experts, R max
-replicas, P physical slots, G devices, T tokens, K top-k, N = T*K.
+replicas, P physical slots, G devices, T tokens, K top-k, M = T*K.
 
 ``_load_aware_split_kernel`` (one program per row) keeps everything in registers: the device
 loads ``[G]``, the experts' device sets ``[E, G]`` and their current shares ``[E, G]``. Experts

@@ -1,7 +1,7 @@
 """DeepSeek EPLB, reimplemented as rq's reference point for expert placement (pure).
 
 Legend: L MoE layers, E logical experts, P physical slots (``num_replicas``), G GPUs
-(``num_gpus``), B rows (independent problems, e.g. layers or (layer, node) pairs), M items per row.
+(``num_gpus``), B independent rows (problems, e.g. layers or (layer, node) pairs), M items per row.
 
 The algorithm DeepSeek published with EPLB (github deepseek-ai/EPLB), in its four functions, in
 call order, one public (``rebalance_experts``):

@@ -1,7 +1,7 @@
 """Per-step expert-parallel load: steps resampled from calibration sequences, and device loads per step.
 
 Legend: N calibration sequences (or chunks), L MoE layers, E logical experts, P physical slots per
-layer (padded with -1 where layers differ), G devices, B steps, D devices of one expert.
+layer (padded with -1 where layers differ), G devices, B steps, C devices of one expert.
 
 Latency follows each step's busiest device, so plans are scored on **steps**: a step is the sum of
 ``per_step`` sequences' loads (``sample_steps``); a layout puts each layer's slots on devices
@@ -102,20 +102,20 @@ def _load_aware(counts, phy2log, slot_device, G, rounds: int = _ROUNDS):
     order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :M]  # [L, M]
     present = torch.arange(M)[None] < multi.sum(1, keepdim=True)  # [L, M]
     devs_all = torch.sort(torch.where(held, torch.arange(G), G), dim=-1).values  # [L, E, G] ascending, G = pad
-    D = int(held.sum(-1).max())
-    devs = devs_all[:, :, :D].gather(1, order[..., None].expand(L, M, D))  # [L, M, D]
+    C = int(held.sum(-1).max())
+    devs = devs_all[:, :, :C].gather(1, order[..., None].expand(L, M, C))  # [L, M, C]
     dev_ok = (devs < G) & present[..., None]
     devs_c = devs.clamp(max=G - 1)
-    shares = torch.zeros(M, B, L, D, dtype=torch.int64)
+    shares = torch.zeros(M, B, L, C, dtype=torch.int64)
     amount_all = counts.gather(2, order[None].expand(B, L, M)) * present[None]  # [B, L, M]
     for it in range(1 + rounds):
         for j in range(M):
-            d_j, ok = devs_c[:, j], dev_ok[:, j]  # [L, D]
-            idx = d_j[None].expand(B, L, D)
+            d_j, ok = devs_c[:, j], dev_ok[:, j]  # [L, C]
+            idx = d_j[None].expand(B, L, C)
             if it:
                 load.scatter_add_(2, idx, -shares[j])
             base = torch.where(ok[None], load.gather(2, idx), _BIG)
-            add = _pour(base.reshape(B * L, D), amount_all[:, :, j].reshape(B * L)).view(B, L, D) * ok[None]
+            add = _pour(base.reshape(B * L, C), amount_all[:, :, j].reshape(B * L)).view(B, L, C) * ok[None]
             shares[j] = add
             load.scatter_add_(2, idx, add)
     return load

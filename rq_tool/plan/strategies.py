@@ -1,6 +1,6 @@
 """Replicate-and-quantize planning: strategies by name, and the entry point ``make_plan``.
 
-Legend: L MoE layers, E logical experts, P physical slots (per layer), N slots of a group of
+Legend: L MoE layers, E logical experts, P physical slots (per layer), Q slots of a group of
 layers planned under one budget, S quantization schemes (index 0 = the source scheme).
 
 The greedy heuristic (default). A layer starts with one source-scheme slot per expert. If the
@@ -58,7 +58,7 @@ def _register(name: str, *, enforces_budget: bool):
 class _Slots:
     """Mutable slot table of a group of layers planned under one budget (flat, creation order).
 
-    ``layer/expert/scheme [N]`` int64; ``cnt [L, E]`` int64 slots per expert; ``rows [N, S]``
+    ``layer/expert/scheme [Q]`` int64; ``cnt [L, E]`` int64 slots per expert; ``rows [Q, S]``
     float64 the error row of each slot's expert (``error [L, E, S]`` gathered once, kept in step);
     ``nbytes [S]`` int64. Starts with one source-scheme slot per expert.
     """
@@ -90,7 +90,7 @@ class _Slots:
         return int(self.nbytes.index_select(0, self.scheme).sum())
 
     def error_table(self) -> torch.Tensor:
-        """``[N, S]`` predicted error of each slot if it were stored in each scheme."""
+        """``[Q, S]`` predicted error of each slot if it were stored in each scheme."""
         cnt = self.cnt.view(-1).index_select(0, self.layer * self.cnt.shape[1] + self.expert)
         return self.rows / cnt[:, None].double()
 
@@ -105,7 +105,7 @@ def _pay(slots: _Slots, deficit: int, frozen: torch.Tensor | None = None) -> lis
     """Moves ``[(slot, new_scheme)]`` to cheaper schemes saving ``>= deficit`` bytes at low error.
 
     Greedy by added error per byte saved; at each step the single covering move of least added
-    error is also considered as a way to finish, and the cheapest finish wins. ``frozen [N]``
+    error is also considered as a way to finish, and the cheapest finish wins. ``frozen [Q]``
     bool: slots that may not move. ``None`` when even the cheapest schemes cannot save enough.
     """
     if deficit <= 0:

@@ -1,17 +1,17 @@
 """Quantized *source* checkpoints: which ones rq reads, how their stored tensors pair up, dequantization.
 
-Legend: R rows (out features), C columns (in features), E experts, G 32-value MXFP4 blocks of a row.
+Legend: O rows (out features), C columns (in features), E experts, J 32-value MXFP4 blocks of a row.
 
 rq reads two pre-quantized storage formats, as transformers 5.x writes and reads them
 (``integrations/finegrained_fp8.py``, ``integrations/mxfp4.py``):
 
 - ``fp8`` (DeepSeek-V3/R1, Kimi-K2, Qwen3-*-FP8, GLM-4.5-FP8): ``X.weight`` is ``float8_e4m3fn
-  [R, C]`` and ``X.weight_scale_inv`` its per-block scale ``[ceil(R/bm), ceil(C/bn)]`` (fp32 / bf16,
+  [O, C]`` and ``X.weight_scale_inv`` its per-block scale ``[ceil(O/bm), ceil(C/bn)]`` (fp32 / bf16,
   or E8M0 exponents as uint8 for ``scale_fmt: "ue8m0"``), with ``weight_block_size = [bm, bn]`` in
   ``quantization_config`` (no block size: one scale per tensor). ``W = q * scale_inv`` of its block.
-- ``mxfp4`` (gpt-oss): ``X_blocks`` is uint8 ``[..., R, G, 16]`` (two E2M1 values a byte, low nibble
-  first, 32 values a block) and ``X_scales`` uint8 ``[..., R, G]`` E8M0 exponents (``2 ** (s - 127)``).
-  The dequantized tensor is stored transposed (``[..., G * 32, R]``), as transformers loads it: that is
+- ``mxfp4`` (gpt-oss): ``X_blocks`` is uint8 ``[..., O, J, 16]`` (two E2M1 values a byte, low nibble
+  first, 32 values a block) and ``X_scales`` uint8 ``[..., O, J]`` E8M0 exponents (``2 ** (s - 127)``).
+  The dequantized tensor is stored transposed (``[..., J * 32, O]``), as transformers loads it: that is
   the layout of the same model's bf16 checkpoint (gpt-oss keeps ``gate_up_proj`` as ``[E, H, 2I]``).
 
 A stored tensor and its companions form one *logical* tensor (``StoredTensor``): the key and shape
@@ -123,10 +123,10 @@ class SourceQuant:
                 sshape = tuple(stored[scales][0])
                 if len(shape) < 3 or tuple(shape[:-1]) != sshape or shape[-1] != MXFP4_BLOCK // 2:
                     raise RQError(f"mxfp4 checkpoint: {key} {list(shape)} / scales {list(sshape)} are not "
-                                  f"[..., R, G, {MXFP4_BLOCK // 2}] / [..., R, G]")
-                *lead, R, G, _ = shape
+                                  f"[..., O, J, {MXFP4_BLOCK // 2}] / [..., O, J]")
+                *lead, O, J, _ = shape
                 out[base] = StoredTensor(base, {"blocks": key, "scales": scales},
-                                         (*lead, G * MXFP4_BLOCK, R), out_name, "mxfp4")
+                                         (*lead, J * MXFP4_BLOCK, O), out_name, "mxfp4")
             else:
                 out[key] = StoredTensor(key, {"w": key}, tuple(shape), dtype)
         return out
@@ -182,11 +182,11 @@ def read_source_quant(config: dict) -> SourceQuant:
 
 # ---------------------------------------------------------------------------- FP8 (block-wise)
 def fp8_scale_shape(shape: tuple[int, ...], block: tuple[int, int] | None) -> tuple[int, ...]:
-    """Scale grid of an fp8 weight ``[..., R, C]``: ``[..., ceil(R/bm), ceil(C/bn)]`` (``()`` per-tensor)."""
+    """Scale grid of an fp8 weight ``[..., O, C]``: ``[..., ceil(O/bm), ceil(C/bn)]`` (``()`` per-tensor)."""
     if block is None:
         return ()
-    *lead, R, C = shape
-    return (*lead, -(-R // block[0]), -(-C // block[1]))
+    *lead, O, C = shape
+    return (*lead, -(-O // block[0]), -(-C // block[1]))
 
 
 @functools.lru_cache(maxsize=1)
@@ -209,7 +209,7 @@ def _scale_float(scale: torch.Tensor) -> torch.Tensor:
 
 def fp8_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None,
                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``q [..., R, C]`` float8 and ``scale_inv [..., ceil(R/bm), ceil(C/bn)]`` -> ``[..., R, C]`` in ``dtype``.
+    """``q [..., O, C]`` float8 and ``scale_inv [..., ceil(O/bm), ceil(C/bn)]`` -> ``[..., O, C]`` in ``dtype``.
 
     Computed in fp32 (``q * scale``), then rounded once to ``dtype``, as transformers does. Edge
     blocks may be partial (DeepSeek-V3's 576-row ``kv_a_proj_with_mqa`` has 5 row blocks).
@@ -219,8 +219,8 @@ def fp8_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     if block is None or s.numel() == 1:
         return (w * s.reshape(())).to(dtype)
     bm, bn = block
-    R, C = w.shape[-2:]
-    s = s.repeat_interleave(bm, dim=-2)[..., :R, :]  # [..., R, ceil(C/bn)]: rows only, columns broadcast
+    O, C = w.shape[-2:]
+    s = s.repeat_interleave(bm, dim=-2)[..., :O, :]  # [..., O, ceil(C/bn)]: rows only, columns broadcast
     full, rem = divmod(C, bn)
     if full:  # in place on the fp32 copy, through a view: the scales are never expanded over columns
         w[..., : full * bn].unflatten(-1, (full, bn)).mul_(s[..., :full, None])
@@ -230,31 +230,31 @@ def fp8_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
 
 
 def fp8_quantize(w: torch.Tensor, block: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w [..., R, C]`` -> ``(q float8_e4m3fn [..., R, C], scale_inv fp32 grid)``: per-block absmax to 448.
+    """``w [..., O, C]`` -> ``(q float8_e4m3fn [..., O, C], scale_inv fp32 grid)``: per-block absmax to 448.
 
     What FP8 checkpoints ship (transformers' ``Fp8Quantize``, with partial edge blocks); used to build
     test and benchmark checkpoints.
     """
     w = w.float()
-    R, C = w.shape[-2:]
+    O, C = w.shape[-2:]
     if block is None:
         amax = w.abs().amax().clamp_min(1e-12)
         scale_inv = (amax / _FP8_MAX).reshape(())
         return (w / scale_inv).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE), scale_inv
     bm, bn = block
-    pr, pc = -(-R // bm) * bm - R, -(-C // bn) * bn - C
+    pr, pc = -(-O // bm) * bm - O, -(-C // bn) * bn - C
     padded = torch.nn.functional.pad(w, (0, pc, 0, pr))
-    tiles = padded.unflatten(-1, (-1, bn)).unflatten(-3, (-1, bm))  # [..., R/bm, bm, C/bn, bn]
+    tiles = padded.unflatten(-1, (-1, bn)).unflatten(-3, (-1, bm))  # [..., O/bm, bm, C/bn, bn]
     amax = tiles.abs().amax(dim=(-3, -1))
     scale_inv = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
     q = (tiles / scale_inv[..., :, None, :, None]).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE)
-    q = q.flatten(-2).flatten(-3, -2)[..., :R, :C].contiguous()
+    q = q.flatten(-2).flatten(-3, -2)[..., :O, :C].contiguous()
     return q, scale_inv.contiguous()
 
 
 # ---------------------------------------------------------------------------- MXFP4
 def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``blocks [..., R, G, 16]`` uint8, ``scales [..., R, G]`` uint8 -> ``[..., R, G * 32]`` in ``dtype``.
+    """``blocks [..., O, J, 16]`` uint8, ``scales [..., O, J]`` uint8 -> ``[..., O, J * 32]`` in ``dtype``.
 
     Value ``2j`` of a block is the low nibble of byte ``j``, ``2j + 1`` the high one; each block is
     scaled by ``2 ** (scale - 127)`` (E8M0). Every FP4 value times a power of two is exact in bf16.
@@ -262,13 +262,13 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
     b = blocks.to(torch.uint8).reshape(-1)
     lo, hi = (lut.index_select(0, (b & 0x0F).to(torch.int32)), lut.index_select(0, (b >> 4).to(torch.int32)))
-    vals = torch.stack([lo, hi], dim=-1).view(*blocks.shape[:-2], -1)  # [..., R, G * 32]
-    scale = (scales.to(torch.float32) - 127.0).exp2()  # [..., R, G]
+    vals = torch.stack([lo, hi], dim=-1).view(*blocks.shape[:-2], -1)  # [..., O, J * 32]
+    scale = (scales.to(torch.float32) - 127.0).exp2()  # [..., O, J]
     return (vals.unflatten(-1, (-1, MXFP4_BLOCK)) * scale[..., None]).flatten(-2).to(dtype)
 
 
 def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w [..., R, C]`` (C a multiple of 32) -> ``(blocks [..., R, C/32, 16] uint8, scales [..., R, C/32] uint8)``.
+    """``w [..., O, C]`` (C a multiple of 32) -> ``(blocks [..., O, C/32, 16] uint8, scales [..., O, C/32] uint8)``.
 
     Round-to-nearest onto the E2M1 grid with a per-block power-of-two scale (absmax <= 6);
     builds test and benchmark checkpoints in gpt-oss's on-disk format.
@@ -276,11 +276,11 @@ def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.float()
     if w.shape[-1] % MXFP4_BLOCK:
         raise ValueError(f"mxfp4 needs rows of a multiple of {MXFP4_BLOCK} values, got {tuple(w.shape)}")
-    blk = w.unflatten(-1, (-1, MXFP4_BLOCK))  # [..., R, G, 32]
+    blk = w.unflatten(-1, (-1, MXFP4_BLOCK))  # [..., O, J, 32]
     amax = blk.abs().amax(-1).clamp_min(2.0 ** -126)
     exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
     scaled = blk / torch.exp2(exp)[..., None]
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
-    codes = (scaled[..., None] - lut).abs().argmin(-1).to(torch.uint8)  # [..., R, G, 32]
+    codes = (scaled[..., None] - lut).abs().argmin(-1).to(torch.uint8)  # [..., O, J, 32]
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return packed.contiguous(), (exp + 127).to(torch.uint8).contiguous()

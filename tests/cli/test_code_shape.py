@@ -141,3 +141,50 @@ def test_rewrite_config_is_the_cli_defaults():
         RewriteConfig.from_dict({"budgett": 1.0})
     with pytest.raises(RQError, match="strategy"):
         RewriteConfig(strategy="nope")
+
+
+# the project legend (rq_tool/__init__.py): a module's own "Legend:" may add letters, never redefine these
+_CORE_LETTERS = {
+    "T": "token", "K": "top-k", "M": ("= T*K", "routed pairs"), "N": ("row", "calibration sequence", "window"),
+    "E": "expert", "P": ("physical", "= E +"), "L": "MoE layer", "D": "decoder layer",
+    "G": ("device", "GPU"), "S": ("scheme", "quantization scheme"), "H": "hidden", "I": "intermediate",
+    "B": ("step", "batch", "independent rows"),
+}
+
+
+def _legend_entries(text: str) -> list[tuple[str, str]]:
+    """``(letter, meaning)`` pairs of a docstring's ``Legend:`` paragraph (up to its first full stop)."""
+    import re
+
+    start = text.find("Legend:")
+    if start < 0:
+        return []
+    para = " ".join(text[start + len("Legend:"):].split("\n\n", 1)[0].split())
+    para = para.split(". ", 1)[0]
+    out = []
+    for item in re.split(r",\s*(?![^()]*\))", para):
+        m = re.match(r"\s*(?:``)?([A-Z])(?:``)?\s+(.*)", item)
+        if m:
+            out.append((m.group(1), m.group(2).rstrip(".")))
+    return out
+
+
+def test_one_legend_for_the_whole_project():
+    """Every module's shape legend keeps the project's meaning of the core letters."""
+    bad = []
+    files = sorted((REPO / "rq_tool").rglob("*.py")) + sorted((REPO / "kernels").glob("*.py"))
+    for path in files:
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        for letter, meaning in _legend_entries(doc):
+            want = _CORE_LETTERS.get(letter)
+            if want is None:
+                continue
+            want = (want,) if isinstance(want, str) else want
+            if not any(w.lower() in meaning.lower() for w in want):
+                bad.append(f"{path.relative_to(REPO)}: {letter} {meaning!r}")
+    assert not bad, "\n".join(bad)
+
+
+def test_legend_parser_sees_a_redefinition():
+    assert ("N", "= T*K") in _legend_entries("Legend: T tokens, N = T*K.")
+    assert ("H", "decoder layers") in _legend_entries("x\n\nLegend: G devices,\nH decoder layers.\n\nmore")

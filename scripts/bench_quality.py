@@ -147,7 +147,7 @@ def score_all(path, tokenizer, profile, heldout, laser, shares, args, log) -> tu
             profile_eq = calibrate(path, train_set, num_samples=args.num_samples, seq_len=args.seq_len,
                                    batch_size=args.batch_size, progress=False)
             log("calibrated on the equal-domain training sample")
-            extra = baseline_results(path, profile_eq, heldout, work, names=("greedy", "greedy-ep8"),
+            extra = baseline_results(path, profile_eq, heldout, work, names=("greedy", "greedy-unguarded", "greedy-ep8"),
                                      batch_size=args.batch_size, domain_weights=shares, original=original,
                                      suffix=" (cal: train, equal)", log=log)
     return results, extra

@@ -49,15 +49,17 @@ BASELINES: dict[str, Baseline] = {b.name: b for b in (
     Baseline("original", "source model, standard routing", "original"),
     Baseline("paper", "R&Q paper: heaviest expert x2 in int8, cold experts int8", "rewrite",
              lambda layout: {"strategy": "paper"}),
-    Baseline("greedy", "rq default: greedy replicate + quantize by measured damage", "rewrite",
+    Baseline("greedy", "rq default: greedy with the accuracy guard and the held-out replica check", "rewrite",
              lambda layout: {"strategy": "greedy"}),
-    Baseline("greedy-ep8", "rq greedy with --ep-devices 8: slots also pack into 8 original device shares", "rewrite",
-             lambda layout: {"strategy": "greedy", "ep_devices": 8}),
+    Baseline("greedy-unguarded", "rq greedy without the guard (--max-error none): replicate + quantize by "
+             "measured damage", "rewrite", lambda layout: {"strategy": "greedy", "max_error": None}),
+    Baseline("greedy-ep8", "rq greedy (unguarded) with --ep-devices 8: slots also pack into 8 original device "
+             "shares", "rewrite", lambda layout: {"strategy": "greedy", "ep_devices": 8, "max_error": None}),
     Baseline("replicate-only", "full-precision replicas, no quantization (memory grows)", "rewrite",
              lambda layout: {"strategy": "replicate-only"}),
     Baseline("uniform-int8", "every expert int8, no replicas (freed memory unused)", "rewrite", _uniform_int8),
-    Baseline("frequency", "rq greedy, quantize by routing frequency only", "rewrite",
-             lambda layout: {"strategy": "greedy", "importance": "frequency"}),
+    Baseline("frequency", "rq greedy (unguarded), quantize by routing frequency only", "rewrite",
+             lambda layout: {"strategy": "greedy", "importance": "frequency", "max_error": None}),
     Baseline("laser", "LASER load-aware routing on the original weights", "policy"),
 )}
 

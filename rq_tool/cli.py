@@ -140,7 +140,7 @@ def calibrate(model, out, dataset, dataset_config, split, text_field, num_sample
     """Profile expert load and importance of MODEL (default: the bundled tiny MoE)."""
     from .calibrate import calibrate as run
     from .modelio import resolve_model_path
-    from .report_text import profile_table
+    from .calibrate.table import profile_table
 
     inputs = [resolve_model_path(model), *([dataset] if Path(dataset).exists() else [])]
     check_output(out, PROFILE_KIND, inputs, force)  # before the (long) calibration
@@ -195,7 +195,7 @@ def calibrate(model, out, dataset, dataset_config, split, text_field, num_sample
 def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, importance, max_error, ep_devices,
             ep_size, batch_tokens, dry_run, force, as_json):
     """Replicate heavy-hitter experts and quantize cold ones of MODEL (default: bundled tiny MoE)."""
-    from .report_text import plan_table
+    from .rewrite.table import plan_table
     from .rewrite import rewrite as run
 
     if out is None and not dry_run:

@@ -113,7 +113,7 @@ _SERVER = r"""
 import glob, json, os, sys, time
 # import what a rewrite imports lazily, so a child starts at the rewrite itself; run nothing (no torch op,
 # no thread) before forking: a forked copy of a process with busy worker threads can deadlock
-import rq_tool.cli, rq_tool.rewrite.writer, rq_tool.runtime.hf, rq_tool.report_text, rq_tool.plan
+import rq_tool.cli, rq_tool.rewrite.writer, rq_tool.runtime.hf, rq_tool.rewrite.table, rq_tool.plan
 import bitsandbytes.functional, torch._dynamo, transformers.models.qwen3_moe.modeling_qwen3_moe
 sys.modules["rq_tool.rewrite.writer"].rewrite.__kwdefaults__["shard_bytes"] = int(sys.argv[1])  # many small shards
 print("@@ ready", flush=True)

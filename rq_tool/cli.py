@@ -139,7 +139,7 @@ def calibrate(model, out, dataset, dataset_config, split, text_field, num_sample
               no_quant_error, max_memory, force, as_json):
     """Profile expert load and importance of MODEL (default: the bundled tiny MoE)."""
     from .calibrate import calibrate as run
-    from .modelio import resolve_model_path
+    from .source import resolve_model_path
     from .calibrate.table import profile_table
 
     inputs = [resolve_model_path(model), *([dataset] if Path(dataset).exists() else [])]
@@ -241,7 +241,7 @@ def families(model, as_json):
     from .arch.catalog import family_status, family_table, moe_causal_lm_types
 
     if model is not None:
-        from .modelio import read_config_dict, resolve_model_path
+        from .source import read_config_dict, resolve_model_path
 
         d = read_config_dict(resolve_model_path(model))
         statuses = [family_status(d["model_type"], d)]

@@ -99,7 +99,7 @@ def calibration_sets(tokenizer, model, family, args):
 
 def model_section(args, log) -> dict:
     from rq_tool.eval.heldout import load_heldout
-    from rq_tool.modelio import load_model, load_tokenizer, resolve_model_path
+    from rq_tool.source import load_model, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(None)
     tokenizer = load_tokenizer(path)

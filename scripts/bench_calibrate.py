@@ -18,7 +18,7 @@ import torch
 from rq_tool import defaults
 from rq_tool.calibrate import ExpertRecorder
 from rq_tool.calibrate.data import load_texts, pack
-from rq_tool.modelio import load_model, load_tokenizer, resolve_model_path
+from rq_tool.source import load_model, load_tokenizer, resolve_model_path
 from rq_tool.quant import QUANT_SCHEMES
 
 

@@ -98,7 +98,7 @@ def _prepare(work: Path, ranks, calibration: str, log):
 
 def _heldout_steps(seqs_per_step: int, steps_per_domain: int, seq_len: int):
     from rq_tool.eval import load_heldout
-    from rq_tool.modelio import load_tokenizer, resolve_model_path
+    from rq_tool.source import load_tokenizer, resolve_model_path
 
     held = load_heldout(load_tokenizer(resolve_model_path(None)), seq_len=seq_len,
                         max_tokens=seqs_per_step * steps_per_domain * seq_len)
@@ -174,7 +174,7 @@ def main() -> None:
     def log(msg):
         print(f"[{time.time() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    from rq_tool.modelio import resolve_model_path
+    from rq_tool.source import resolve_model_path
 
     tmp = tempfile.TemporaryDirectory() if args.work is None else None
     work = Path(args.work or tmp.name)

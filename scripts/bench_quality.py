@@ -33,7 +33,7 @@ from rq_tool import defaults
 from rq_tool.calibrate import calibrate, load_texts, pack
 from rq_tool.eval import BASELINES, baseline_results, load_heldout, markdown_table, score_original, target_checks
 from rq_tool.eval.laser import LaserConfig
-from rq_tool.modelio import load_model, load_tokenizer, resolve_model_path
+from rq_tool.source import load_model, load_tokenizer, resolve_model_path
 
 from calib_study import SIZES, markdown as study_markdown, sequence_loads, size_study  # scripts/
 from laser_tuning import tune_laser  # scripts/

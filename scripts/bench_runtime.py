@@ -31,7 +31,7 @@ import torch
 
 import rq_tool
 from rq_tool.calibrate.data import load_texts, pack
-from rq_tool.modelio import load_model, load_tokenizer, resolve_model_path
+from rq_tool.source import load_model, load_tokenizer, resolve_model_path
 
 VARIANTS = (("replicas-only", {"strategy": "replicate-only"}),
             ("int8-only", {"schemes": ("int8",)}),

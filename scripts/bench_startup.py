@@ -24,7 +24,7 @@ from pathlib import Path
 
 def cases(profile: str | None) -> dict[str, str]:
     out = {"get_family (meta model)": ("from rq_tool.arch import get_family; "
-                                       "from rq_tool.modelio import read_config_dict, resolve_model_path; "
+                                       "from rq_tool.source import read_config_dict, resolve_model_path; "
                                        "get_family(read_config_dict(resolve_model_path(None)))"),
            "rq --help": "import sys; sys.argv = ['rq', '--help']; from rq_tool.cli import main; main()",
            "import rq_tool.runtime.routing_map": "import rq_tool.runtime.routing_map",
@@ -32,7 +32,7 @@ def cases(profile: str | None) -> dict[str, str]:
            # floors of the dry-run: what planning cannot avoid (torch) and what the profile's config
            # fingerprint needs (transformers' config class, no modeling code)
            "floor: import torch": "import torch",
-           "floor: torch + AutoConfig": ("import torch; from rq_tool.modelio import resolve_model_path; "
+           "floor: torch + AutoConfig": ("import torch; from rq_tool.source import resolve_model_path; "
                                          "from transformers import AutoConfig; "
                                          "AutoConfig.from_pretrained(resolve_model_path(None))")}
     if profile:

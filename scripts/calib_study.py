@@ -48,7 +48,7 @@ def sequence_loads(model_path, dataset: str = defaults.DEFAULT_DATASET, *, max_s
                    seed: int = defaults.SEED) -> torch.Tensor:
     """``[L, N, E]`` int64 per-sequence expert loads on up to ``max_sequences`` calibration sequences."""
     from rq_tool.calibrate import ExpertRecorder, load_texts, pack
-    from rq_tool.modelio import load_model, load_tokenizer, resolve_model_path
+    from rq_tool.source import load_model, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(model_path)
     model, family = load_model(path)

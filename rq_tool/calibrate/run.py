@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .. import defaults
 from ..errors import RQError
 from ..lis import lis_by_batch
-from ..modelio import load_model, load_tokenizer, resolve_model_path
+from ..source import load_model, load_tokenizer, resolve_model_path
 from ..quant import QUANT_SCHEMES, scheme_for_dtype
 from .data import CalibrationData, load_tags, load_texts, pack, source_record
 from .profile import LayerProfile, Profile, config_fingerprint

@@ -76,7 +76,7 @@ def baseline_results(model, profile, heldout, workdir, *, names=tuple(BASELINES)
     ``original``: an already scored original (``Scored``) to reuse; ``suffix`` is appended to
     every row name (e.g. to tell plans made on another calibration set apart).
     """
-    from ..modelio import resolve_model_path
+    from ..source import resolve_model_path
     from ..rewrite import rewrite
     from .compare import _layout
 

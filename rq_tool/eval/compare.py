@@ -74,15 +74,15 @@ def header_expert_bytes(path) -> dict[int, int]:
 
 def _layout(original_path):
     from ..arch import get_family
-    from ..modelio import load_config
+    from ..source import load_config
     from ..rewrite.layout import read_layout
-    from ..rewrite.source import SourceCheckpoint
+    from ..source import SourceCheckpoint
 
     return read_layout(SourceCheckpoint(Path(original_path)), get_family(load_config(Path(original_path))))
 
 
 def _open_original(path):
-    from ..modelio import load_model, resolve_model_path
+    from ..source import load_model, resolve_model_path
 
     path = resolve_model_path(path)
     model, family = load_model(path, dtype="auto")

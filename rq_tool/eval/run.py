@@ -27,7 +27,7 @@ def evaluate(original, rewritten, *, datasets=(), max_tokens: int = defaults.HEL
     made for, adding each row's ``matched`` pool. ``progress``: bars on stderr (only on a terminal).
     """
     from ..calibrate.profile import Profile
-    from ..modelio import load_tokenizer, resolve_model_path
+    from ..source import load_tokenizer, resolve_model_path
 
     src = resolve_model_path(original)
     rewritten = Path(rewritten)
@@ -71,7 +71,7 @@ def per_step_section(src, rewritten: Path, heldout, batch_size: int, progress: b
     import torch
 
     from ..calibrate import CalibrationData, profile_model
-    from ..modelio import load_model
+    from ..source import load_model
     from ..plan.balance import Layout
     from ..plan.steps import contiguous_layout
     from ..runtime.routing_map import RoutingMap
@@ -98,7 +98,7 @@ def per_step_section(src, rewritten: Path, heldout, batch_size: int, progress: b
 
 
 def _config(path):
-    from ..modelio import load_config
+    from ..source import load_config
 
     return load_config(path)
 

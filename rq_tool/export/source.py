@@ -79,9 +79,8 @@ def layer_scheme_bytes(source: ExportSource, model, schemes):
     precision.ServingNames)``; the profile must belong to that checkpoint.
     """
     from ..arch import get_family
-    from ..modelio import load_config, read_config_dict, resolve_model_path
     from ..rewrite.layout import read_layout
-    from ..rewrite.source import SourceCheckpoint
+    from ..source import SourceCheckpoint, load_config, read_config_dict, resolve_model_path
 
     spec = model if model is not None else source.profile.model.get("path")
     if spec is None or not Path(str(spec)).expanduser().is_dir():

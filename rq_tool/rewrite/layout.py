@@ -11,7 +11,7 @@ from ..arch import MoEFamily
 from ..checkpoint import DTYPES, FLOAT_DTYPES
 from ..errors import RQError
 from ..quant import get_scheme, scheme_for_dtype
-from .source import SourceCheckpoint
+from ..source import SourceCheckpoint
 
 
 @dataclass(frozen=True)

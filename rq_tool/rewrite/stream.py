@@ -32,7 +32,7 @@ from ..runtime.routing_map import LayerMap, RoutingMap
 from .assemble import LayerAssembler, resolve
 from .layout import ExpertLayout
 from .shards import Entry, ShardWriter
-from .source import SourceCheckpoint
+from ..source import SourceCheckpoint
 
 
 @dataclass(frozen=True)

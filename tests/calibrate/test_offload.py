@@ -18,7 +18,7 @@ def test_offloaded_calibration_equals_in_memory(tmp_path):
     kw = dict(num_samples=8, seq_len=32, batch_size=4, progress=False)
     ref = calibrate(tmp_path / "m", str(tmp_path / "t.jsonl"), **kw)
 
-    from rq_tool.modelio import load_model
+    from rq_tool.source import load_model
 
     model, _ = load_model(tmp_path / "m", max_memory=f"{limit // 1000}KB", offload_folder=str(tmp_path / "off"))
     assert "disk" in set(model.hf_device_map.values())  # most layers really live on disk

@@ -12,7 +12,7 @@ from rq_tool.eval import BASELINES, baseline_results, evaluate, markdown_table, 
 from rq_tool.eval.cli import _weights, eval_cmd, report
 from rq_tool.eval.compare import compare, header_expert_bytes, score_original, score_rewritten
 from rq_tool.eval.heldout import load_heldout
-from rq_tool.modelio import load_tokenizer
+from rq_tool.source import load_tokenizer
 from rq_tool.rewrite import rewrite
 from tiny_models import save_tiny, write_texts
 

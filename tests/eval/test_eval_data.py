@@ -19,7 +19,7 @@ from rq_tool.eval.heldout import load_heldout
 from rq_tool.eval.perplexity import pack_tokens
 from rq_tool.eval.report import expert_slot_share
 from rq_tool.lis import slot_loads
-from rq_tool.modelio import load_tokenizer
+from rq_tool.source import load_tokenizer
 from rq_tool.rewrite import rewrite
 from tiny_models import save_tiny, write_texts
 
@@ -232,7 +232,7 @@ def test_eval_split_of_the_calibration_folder(tiny, folders):
 def test_progress_bars_only_on_a_terminal(tiny, monkeypatch):
     root, _ = tiny
     from rq_tool.eval.measure import measure
-    from rq_tool.modelio import load_model
+    from rq_tool.source import load_model
 
     model, family = load_model(root / "src")
     ids = {"d": torch.randint(2, 60, (3, SEQ))}

@@ -336,7 +336,7 @@ def test_cli_per_layer_precision(tmp_path):
     """End to end on a hand-made checkpoint (expert tensors only; the layout reads headers)."""
     from safetensors.torch import save_file
 
-    from rq_tool.modelio import load_config
+    from rq_tool.source import load_config
 
     src = tmp_path / "src"
     src.mkdir()

@@ -21,7 +21,7 @@ from rq_tool.checkpoint import SafetensorsCheckpoint
 from rq_tool.errors import RQError
 from rq_tool.export import ENGINE_WEIGHT_SCHEMES, compressed_tensors_config, get_engine
 from rq_tool.export.source import serving_names
-from rq_tool.modelio import load_config
+from rq_tool.source import load_config
 
 SGLANG_PROBE = get_engine("sglang").moe_probe_projections
 

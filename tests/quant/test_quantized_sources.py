@@ -120,7 +120,7 @@ def test_quantized_source_calibrates_and_rewrites_exactly(quantized, model_type,
     from transformers import AutoConfig
 
     from rq_tool.calibrate.profile import Profile, config_fingerprint
-    from rq_tool.modelio import load_model
+    from rq_tool.source import load_model
 
     root = quantized(model_type, method)
     src = root / "src"
@@ -153,7 +153,7 @@ def test_fp8_dequantized_load_matches_transformers_own(quantized):
     and rq's agree tensor for tensor: same key mapping, same numbers."""
     from transformers import AutoModelForCausalLM
 
-    from rq_tool.modelio import load_model
+    from rq_tool.source import load_model
 
     src = quantized("qwen3_moe", "fp8") / "src"
     ours, _ = load_model(src)

@@ -92,7 +92,7 @@ def test_greedy_rewrite_within_budget_and_tolerance(calibrated, model_type, tmp_
 def test_measured_slot_lis_matches_prediction(calibrated, tmp_path):
     """Runtime per-slot counters on the calibration batches reproduce the planner's slot loads."""
     from rq_tool.calibrate.data import load_texts, pack
-    from rq_tool.modelio import load_tokenizer
+    from rq_tool.source import load_tokenizer
 
     root, prof = calibrated("qwen3_moe")
     res = rewrite(root / "src", prof, tmp_path / "out", strategy="replicate-only", progress=False)

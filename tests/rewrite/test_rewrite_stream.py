@@ -8,9 +8,9 @@ from safetensors import safe_open
 import rq_tool
 from rq_tool.arch import get_family
 from rq_tool.kernels import SlotWeights
-from rq_tool.modelio import load_config
+from rq_tool.source import load_config
 from rq_tool.rewrite.assemble import LayerAssembler
-from rq_tool.rewrite.source import SourceCheckpoint
+from rq_tool.source import SourceCheckpoint
 from tiny_models import save_tiny, write_texts
 
 

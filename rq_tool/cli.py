@@ -205,7 +205,10 @@ def rewrite(model, profile_path, out, budget, global_budget, strategy, schemes, 
                            ep_size=ep_size, batch_tokens=batch_tokens)
     res = run(model, profile_path, out, config, force=force, dry_run=dry_run, progress=not as_json)
     if as_json:
-        click.echo(json.dumps({"plan": res.plan.to_dict(), "out": str(res.out) if res.out else None}))
+        from .rewrite.table import device_memory
+
+        click.echo(json.dumps({"plan": res.plan.to_dict(), "device_memory": device_memory(res.plan),
+                               "out": str(res.out) if res.out else None}))
         return
     click.echo(plan_table(res.plan))
     if res.out:

@@ -46,16 +46,30 @@ def plan_table(plan) -> str:
     return "\n".join(lines)
 
 
-def _device_lines(plan) -> list[str]:
-    """Per-device memory of the placement and the predicted per-step balance with its spread."""
+def device_memory(plan) -> list[dict]:
+    """Per MoE layer of a placed plan (``num_devices`` G): ``bytes`` [G] expert bytes on each device,
+    ``share`` the original per-device share (``bytes_before / G``), ``fullest`` max(bytes) / share.
+    Empty for a plan without a placement."""
     G = plan.num_devices
+    if not G:
+        return []
     nbytes = torch.tensor(plan.scheme_bytes)
-    fullest = []
+    out = []
     for lp in plan.layers:
         per = torch.zeros(G, dtype=torch.int64).index_add_(0, lp.slot_device, nbytes[lp.slot_scheme])
-        fullest.append(float(per.max()) / max(lp.bytes_before / G, 1))
-    lines = [f"EP {G} devices: fullest device {max(fullest):.3f}x its original share of expert memory "
-             f"(worst layer)"]
+        share = lp.bytes_before / G
+        out.append({"layer": lp.layer, "bytes": per.tolist(), "share": share,
+                    "fullest": float(per.max()) / max(share, 1)})
+    return out
+
+
+def _device_lines(plan) -> list[str]:
+    """Per-device memory of the placement and the predicted per-step balance with its spread."""
+    mem = device_memory(plan)
+    worst = max(mem, key=lambda m: m["fullest"])
+    lines = [f"EP {plan.num_devices} devices: fullest device {worst['fullest']:.3f}x its original share of expert "
+             f"memory (worst layer {worst['layer']}; per layer: "
+             + " ".join(f"{m['layer']}:{m['fullest']:.2f}x" for m in mem) + ")"]
     return lines + _balance_lines(plan.balance or {}, "load-aware", "")
 
 

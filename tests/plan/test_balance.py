@@ -164,3 +164,23 @@ def test_tight_fill_reaches_a_lower_level_with_two_slots_per_device():
     assert torch.equal(torch.bincount(dev[0], minlength=G), torch.full((G,), P // G))
     assert (phy[0] * G + dev[0]).unique().numel() == P, "copies of one expert share a device"
     assert float(level) <= 1.01 < float(plain)
+
+
+def test_plan_table_reports_per_device_memory_of_the_placement():
+    """The plan table's per-device memory is the placement's own bytes: recomputed here from slot_device."""
+    from rq_tool.plan.ep_plan import plan_ep
+    from rq_tool.rewrite.table import device_memory, plan_table
+
+    N, L, E, G = 24, 2, 8, 4
+    g = torch.Generator().manual_seed(3)
+    seq = torch.randint(0, 5, (N, L, E), generator=g) * (1 + 6 * (torch.arange(E) < 2))  # two hot experts
+    nbytes = torch.tensor([100, 50])
+    plan = plan_ep(seq.double(), torch.zeros(L, E, 2), ("bf16", "int8"), nbytes, torch.full((L,), E * 100), G,
+                   max_error=None)
+    mem = device_memory(plan)
+    assert plan.num_devices == G and len(mem) == L
+    for lp, m in zip(plan.layers, mem):
+        want = [int(nbytes[lp.slot_scheme[lp.slot_device == d]].sum()) for d in range(G)]
+        assert m["bytes"] == want and sum(want) == lp.bytes_after
+        assert m["fullest"] == pytest.approx(max(want) / (lp.bytes_before / G)) and m["fullest"] <= 1.0 + 1e-9
+    assert f"fullest device {max(m['fullest'] for m in mem):.3f}x" in plan_table(plan)

@@ -100,11 +100,8 @@ class Profile:
 
     @property
     def tokens_per_row(self) -> int:
-        """Tokens behind one row of ``seq_loads``: a chunk's (``rq calibrate --chunk-tokens``) or a sequence's."""
-        ref = self.loads_ref or {}
-        n = (self.calibration.get("chunk_tokens") or ref.get("tokens_per_row") or ref.get("tokens_per_sequence")
-             or self.calibration.get("seq_len") or 1)
-        return int(n)
+        """Tokens behind one row of ``seq_loads``: one calibration sequence's (``seq_len``)."""
+        return int(self.calibration.get("seq_len") or 1)
 
     def load_matrix(self) -> torch.Tensor:
         """``[L, E]`` int64 loads of the MoE layers, in layer order."""

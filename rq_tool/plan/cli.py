@@ -20,7 +20,7 @@ import torch
 from .. import defaults
 from ..errors import RQError
 from .balance import BalanceResult, Layout, plan_balance, predict_balance
-from .steps import contiguous_layout
+from .steps import contiguous_layout, rows_per_step
 from .sources import LoadSource, read_loads
 
 ENGINE_POLICY = {"sglang": "round-robin", "vllm": "round-robin", "rq": "load-aware"}
@@ -79,7 +79,7 @@ def steps_per(source: LoadSource, batch_tokens: int | None, top_k: int | None) -
         if not k:
             raise RQError("--batch-tokens needs --top-k for a loads file (to turn token-slots into tokens)")
         tokens = float(source.seq_loads[:, 0].sum(-1).mean()) / k
-    return max(1, round(batch_tokens / max(tokens, 1e-9)))
+    return rows_per_step(batch_tokens, tokens)
 
 
 def engine_default(L: int, E: int, P: int, G: int) -> Layout:

@@ -26,6 +26,11 @@ POLICIES = ("round-robin", "load-aware")
 _BIG = 1 << 50  # level of a padding device column: never filled
 
 
+def rows_per_step(batch_tokens: int, tokens_per_row: float) -> int:
+    """Rows of loads summed into one step of ``batch_tokens`` tokens (at least 1)."""
+    return max(1, round(batch_tokens / max(tokens_per_row, 1e-9)))
+
+
 def sample_steps(seq_loads: torch.Tensor, per_step: int, num_steps: int, seed: int = 0,
                  pool: torch.Tensor | None = None) -> torch.Tensor:
     """``seq_loads [N, L, E]`` -> ``counts [B, L, E]`` (same dtype): B steps of ``per_step`` sequences.

@@ -14,6 +14,7 @@ import torch
 from .. import defaults
 from ..calibrate.profile import Profile
 from ..errors import RQError
+from ..plan.steps import rows_per_step
 from .config import RewriteConfig
 from .layout import ExpertLayout
 
@@ -99,7 +100,7 @@ def steps_per_profile(profile: Profile, batch_tokens: int | None) -> int:
     row of the profile's loads (a sequence, or a chunk), else ``defaults.SEQS_PER_STEP``."""
     if batch_tokens is None or profile.seq_loads is None:
         return defaults.SEQS_PER_STEP
-    return max(1, round(int(batch_tokens) / max(profile.tokens_per_row, 1)))
+    return rows_per_step(int(batch_tokens), profile.tokens_per_row)
 
 
 def _build_ep_plan(profile, layout, load, error, names, scheme_bytes, budget_bytes, global_budget, ep_size, ep_devices,

@@ -31,14 +31,13 @@ from ..arch import get_family
 from ..calibrate.profile import Profile, config_fingerprint
 from ..checkpoint import SafetensorsCheckpoint
 from ..errors import RQError
-from ..source import load_config, read_config_dict, resolve_model_path
 from ..outputs import check_output, marked_dir_kind, staged
 from ..runtime.routing_map import LayerMap, RoutingMap
+from ..source import SourceCheckpoint, load_config, read_config_dict, resolve_model_path
 from .config import RewriteConfig
 from .layout import ExpertLayout, read_layout
 from .planning import build_plan
 from .shards import ShardWriter, write_json, write_manifest
-from ..source import SourceCheckpoint
 from .stream import output_entries, plan_steps, write_steps
 
 # files copied verbatim from the source directory (tokenizer, generation config, chat template)

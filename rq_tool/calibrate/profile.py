@@ -4,7 +4,7 @@ Layout (format ``rq-profile``, version 2; version 1 = the same without ``loads``
 
     {"format": "rq-profile", "version": 2, "rq_version": "...",
      "model": {"path", "model_type", "family", "config_sha256", "num_experts", "top_k",
-               "num_hidden_layers", "moe_layers", "expert_dtype", "activation"},
+               "num_hidden_layers", "moe_layers", "expert_dtype", "activation", "layout"},
      "calibration": {"dataset", "sha256", "texts", "sequences", "seq_len", "tokens", "batch_size", "seed",
                      "texts_used", "source": {"spec", "kind", "path", "config", "split", "text_field"}},
      "schemes": ["int8", "nf4"],
@@ -19,6 +19,11 @@ Layout (format ``rq-profile``, version 2; version 1 = the same without ``loads``
 ``calibration.texts_used`` / ``source`` (optional, written since issue 15): how many of the shuffled
 texts gave the tokens and where the data is (``rq_tool.calibrate.data.source_record``), so ``rq eval``
 can score the source's unused texts as held-out data (``rq_tool.eval.heldout``).
+
+``model.layout`` (optional, written since issue 15; null where rq rewrite cannot read the checkpoint):
+the checkpoint's routed-expert layout (``rq_tool.rewrite.layout.layout_record``) under the config.json
+identity, safetensors headers and rq / transformers versions it was read with; ``rq rewrite --dry-run``
+plans from it when all four still match, without building the model.
 
 ``layer`` is the absolute decoder-layer index (dense layers are simply absent); ``moe_layers``
 (optional, written since issue 11) lists the model's MoE layers, so a profile missing one is refused

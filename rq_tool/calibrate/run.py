@@ -15,6 +15,7 @@ from ..quant import QUANT_SCHEMES, scheme_for_dtype
 from .data import CalibrationData, load_tags, load_texts, pack, source_record
 from .profile import LayerProfile, Profile, config_fingerprint
 from .recorder import ExpertRecorder
+from ..rewrite.layout import source_layout_record
 
 
 def calibrate(
@@ -84,6 +85,8 @@ def _calibrate(path, loaded, dataset, num_samples, seq_len, batch_size, seed, sc
             "moe_layers": [layer for layer, _ in family.moe_blocks(hf_model)],  # so a missing layer is caught
             "expert_dtype": scheme_for_dtype(first["gate_up"].dtype),
             "activation": family.activation(hf_model.config),
+            # the checkpoint's expert layout, so `rq rewrite --dry-run` plans without building the model
+            "layout": source_layout_record(path, family, family.activation(hf_model.config)),
         },
         calibration={
             "dataset": data.name,

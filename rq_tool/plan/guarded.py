@@ -28,6 +28,8 @@ p10-p90 over resampled steps) at the largest G, for the plan table.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import defaults
@@ -40,6 +42,7 @@ from .strategies import _bundle
 from .types import LayerPlan, Plan, PlanOptions
 
 NUM_STEPS = 24  # held-out steps scored per fold
+_TOLERANCE = 1.0 + 1e-9  # held-out max/mean over the original's that still counts as "not worse"
 POLICY = "round-robin"  # a plan without a placement splits an expert's tokens evenly over its replicas
 
 
@@ -75,11 +78,13 @@ def placed(load: torch.Tensor, phy2log: torch.Tensor, slot_bytes: torch.Tensor, 
 
 
 def heldout_ratio(seq: torch.Tensor, fold: torch.Tensor | None, l: int, k: int, slot_bytes_of, src_bytes: int,
-                  per_step: int, device_counts, steps: dict) -> float:
+                  per_step: int, device_counts, steps: dict, stop_above: float = math.inf) -> float:
     """Worst held-out per-step max/mean of layer ``l`` with ``k`` replicas over the original's (1.0 = as good).
 
     ``seq [N, L, E]`` int64, ``fold [N]`` (None: no folds, 1.0); ``slot_bytes_of(phy2log) -> [P]``;
-    ``steps``: a cache fold -> sampled held-out steps ``[B, L, E]``."""
+    ``steps``: a cache of what does not depend on ``k`` (each fold's sampled held-out steps
+    ``[B, L, E]``, the original layout's score per fold, layer and device count). Returns as soon as
+    the worst exceeds ``stop_above`` (then a value above it, not necessarily the worst)."""
     if fold is None or k == 0:
         return 1.0
     E = seq.shape[-1]
@@ -92,11 +97,14 @@ def heldout_ratio(seq: torch.Tensor, fold: torch.Tensor | None, l: int, k: int, 
         phy2log = slots_of(replicate(train[None], torch.tensor([E + k])))[0]
         nbytes = slot_bytes_of(phy2log)
         for G in device_counts:
-            orig_phy, orig_dev = contiguous_layout(1, E, G)
-            before = float(step_max_mean(test, orig_phy, orig_dev, G, POLICY).mean())
+            if (f, l, G) not in steps:
+                orig_phy, orig_dev = contiguous_layout(1, E, G)
+                steps[f, l, G] = float(step_max_mean(test, orig_phy, orig_dev, G, POLICY).mean())
             dev = placed(train, phy2log, nbytes, G, E * src_bytes)
             after = float(step_max_mean(test, phy2log[None], dev[None], G, POLICY).mean())
-            worst = max(worst, after / max(before, 1e-300))
+            worst = max(worst, after / max(steps[f, l, G], 1e-300))
+            if worst > stop_above:
+                return worst
     return worst
 
 
@@ -131,10 +139,13 @@ def plan_guarded(seq_loads: torch.Tensor, error: torch.Tensor, schemes, scheme_b
             s[:E] = scheme
             return nbytes[s]
 
-        ratio = heldout_ratio(seq, fold, l, k, slot_bytes_of, src, per_step, device_counts, steps)
-        while k > 0 and ratio > 1.0 + 1e-9:  # replication did not hold up on a held-out fold: fewer replicas
+        def ratio_of(k, slot_bytes_of=slot_bytes_of):
+            return heldout_ratio(seq, fold, l, k, slot_bytes_of, src, per_step, device_counts, steps, _TOLERANCE)
+
+        ratio = ratio_of(k)
+        while k > 0 and ratio > _TOLERANCE:  # replication did not hold up on a held-out fold: fewer replicas
             k //= 2
-            ratio = heldout_ratio(seq, fold, l, k, slot_bytes_of, src, per_step, device_counts, steps)
+            ratio = ratio_of(k)
         ratios.append(ratio)
         phy2log, slot_scheme = layer_slots(load[l], k, scheme, error[l], nbytes, int(budget[l]))
         pred = predict_layer(load[l], error[l].double(), nbytes, phy2log, slot_scheme)

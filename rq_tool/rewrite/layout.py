@@ -99,3 +99,83 @@ def read_layout(ckpt: SourceCheckpoint, family: MoEFamily) -> ExpertLayout:
 
 def _meta(shape):
     return torch.empty((1, *shape), device="meta")
+
+
+# ---------------------------------------------------------------------- the layout a profile records
+# ``rq calibrate`` records the checkpoint's layout in the profile (``model.layout``), keyed by what it
+# is a function of: the config.json identity, the safetensors headers, and the rq / transformers
+# versions (transformers' conversion mapping names the expert keys). ``rq rewrite --dry-run`` plans
+# from a matching record without building the family's model (the imports of transformers' modeling
+# code are most of a dry-run's time); a stale or missing record means the full path. Writing a model
+# always reads the layout from the family and the headers.
+_RECORD_VERSION = 1
+
+
+def layout_key(ckpt: SourceCheckpoint, config_dict: dict) -> dict:
+    """What a recorded layout is valid for: config.json identity, stored headers, versions."""
+    from importlib.metadata import version
+
+    from .. import __version__
+    from ..calibrate.profile import config_fingerprint
+    from ..runtime.integrity import header_fingerprint
+
+    return {"version": _RECORD_VERSION, "rq_version": __version__, "transformers_version": version("transformers"),
+            "config_json_sha256": config_fingerprint(config_dict),
+            "headers_sha256": header_fingerprint(ckpt.stored)}
+
+
+def layout_record(layout: ExpertLayout, activation: str, key: dict) -> dict:
+    """The JSON record of ``layout`` (+ the experts' activation) under ``key`` (``layout_key``)."""
+    return {**key, "layers": list(layout.layers), "num_experts": layout.num_experts,
+            "hidden_size": layout.hidden_size, "intermediate_size": layout.intermediate_size,
+            "source_scheme": layout.source_scheme, "has_bias": layout.has_bias,
+            "block_prefix": {str(k): v for k, v in layout.block_prefix.items()},
+            "stored_bytes": None if layout.stored_bytes is None else {str(k): v for k, v in layout.stored_bytes.items()},
+            "source_quant": layout.source_quant, "activation": activation}
+
+
+def recorded_layout(record, key: dict, where: str) -> tuple[ExpertLayout, str] | None:
+    """``(layout, activation)`` from a profile's record when it was made under ``key``; None when
+    it is absent or stale; RQError when it is malformed."""
+    from .. import validate as v
+
+    if record is None:
+        return None
+    at = "model.layout"
+    rec = v.check_dict(record, where, at)
+    if any(rec.get(k) != want for k, want in key.items()):
+        return None
+    layers = v.int_list(v.get(rec, "layers", where, at), where, f"{at}.layers", 0, v.MAX_LAYERS)
+    E = v.check_int(v.get(rec, "num_experts", where, at), where, f"{at}.num_experts", 1, v.MAX_EXPERTS)
+    H, I = (v.check_int(v.get(rec, k, where, at), where, f"{at}.{k}", 1) for k in ("hidden_size", "intermediate_size"))
+    scheme, quant, act = (v.check_str(v.get(rec, k, where, at), where, f"{at}.{k}", 256)
+                          for k in ("source_scheme", "source_quant", "activation"))
+    get_scheme(scheme)  # a known scheme name
+    has_bias = v.get(rec, "has_bias", where, at)
+    if not isinstance(has_bias, bool):
+        raise RQError(f"{where}: {at}.has_bias must be true or false")
+
+    def per_layer(name, check):
+        d = v.check_dict(v.get(rec, name, where, at), where, f"{at}.{name}")
+        if sorted(d) != sorted(str(i) for i in layers):
+            raise RQError(f"{where}: {at}.{name} must have one entry per layer of {at}.layers")
+        return {int(k): check(x, where, f"{at}.{name}[{k}]") for k, x in d.items()}
+
+    prefix = per_layer("block_prefix", v.check_str)
+    stored = None if rec.get("stored_bytes") is None else per_layer("stored_bytes", v.check_int)
+    if not layers:
+        raise RQError(f"{where}: {at}.layers is empty")
+    return ExpertLayout(tuple(sorted(layers)), E, H, I, scheme, has_bias, prefix, stored, quant), act
+
+
+def source_layout_record(path, family: MoEFamily, activation: str) -> dict | None:
+    """The record ``rq calibrate`` stores for the model directory ``path`` (None: a layout
+    ``rq rewrite`` cannot read; it then says why)."""
+    from ..source import read_config_dict
+
+    ckpt = SourceCheckpoint(path)
+    try:
+        layout = read_layout(ckpt, family)
+    except RQError:
+        return None
+    return layout_record(layout, activation, layout_key(ckpt, read_config_dict(path)))

@@ -2,7 +2,8 @@
 
 Order of work (nothing is written before every check passed):
 1. open the source (config, family, safetensors headers), check the profile belongs to it;
-2. plan (pure, ``rq_tool.plan``); ``dry_run`` stops here;
+2. plan (pure, ``rq_tool.plan``); ``dry_run`` stops here (and when the profile recorded this
+   checkpoint's layout, ``dry_run`` plans from that record, before step 1 builds the family);
 3. stream shard by shard into a temporary directory beside ``out`` (``stream.py``): every output
    tensor is planned from the headers first; non-expert tensors are copied as stored (renamed to
    the runtime module's key names), each MoE layer's slots (replicas + per-slot schemes) are written
@@ -35,7 +36,7 @@ from ..outputs import check_output, marked_dir_kind, staged
 from ..runtime.routing_map import LayerMap, RoutingMap
 from ..source import SourceCheckpoint, load_config, read_config_dict, resolve_model_path
 from .config import RewriteConfig
-from .layout import ExpertLayout, read_layout
+from .layout import ExpertLayout, layout_key, read_layout, recorded_layout
 from .planning import build_plan
 from .shards import ShardWriter, write_json, write_manifest
 from .stream import output_entries, plan_steps, write_steps
@@ -83,11 +84,20 @@ def rewrite(
     config_dict = read_config_dict(src)
     if "rq" in config_dict:
         raise RQError(f"{src} is already an rq-rewritten model; rewrite the original model")
-    hf_config = load_config(src)
-    family = get_family(hf_config)
     inputs = [src] if isinstance(profile, Profile) else [src, Path(profile)]
+    where = "profile" if isinstance(profile, Profile) else str(profile)
     if not isinstance(profile, Profile):
         profile = Profile.load(profile)
+    if dry_run or out is None:
+        # a layout the profile recorded for this very config and headers: plan without building the model
+        ckpt = SourceCheckpoint(src)
+        recorded = recorded_layout(profile.model.get("layout"), layout_key(ckpt, config_dict), where)
+        if recorded is not None:
+            layout, activation = recorded
+            plan = build_plan(profile, layout, config)
+            return RewriteResult(plan, routing_map_from_plan(plan, layout, activation), None, layout)
+    hf_config = load_config(src)
+    family = get_family(hf_config)
     profile.check_matches(hf_config, where="profile")
     if out is not None and not dry_run:
         out = Path(out)
@@ -184,7 +194,7 @@ def _write_metadata(src: Path, tmp: Path, config_dict: dict, rmap: RoutingMap, p
         "routing_map": rmap.to_dict(),
         "plan": plan_summary(plan),
         # what the integrity check compares the stored headers with (a relabelled dtype is caught)
-        "tensors_sha256": header_fingerprint(SafetensorsCheckpoint(tmp)),
+        "tensors_sha256": header_fingerprint(SafetensorsCheckpoint(tmp).tensors),
     }
     new = dict(config_dict)
     # the experts are rq slots now; what stays quantized (an FP8 source's non-expert weights, copied

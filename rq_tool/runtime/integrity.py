@@ -23,11 +23,12 @@ from ..validate import check_int, get
 from .experts import slot_tensor_dtype, slot_tensor_shapes
 from .routing_map import RoutingMap
 
-def header_fingerprint(ckpt: SafetensorsCheckpoint) -> str:
-    """sha256 over every tensor's ``key, dtype, shape`` (sorted by key): what rq records at write time."""
+def header_fingerprint(tensors: dict) -> str:
+    """sha256 over every tensor's ``key, dtype, shape`` (sorted by key) of a ``{key: TensorInfo}``
+    header map: what rq records at write time (and a profile's recorded layout, of the source)."""
     h = hashlib.sha256()
-    for key in sorted(ckpt.tensors):
-        info = ckpt.tensors[key]
+    for key in sorted(tensors):
+        info = tensors[key]
         h.update(f"{key}\t{info.dtype}\t{list(info.shape)}\n".encode())
     return h.hexdigest()
 
@@ -60,7 +61,7 @@ def problems(path, model_dir, ckpt: SafetensorsCheckpoint | None = None) -> list
         out.append(f"routing map activation {rmap.activation!r} differs from the base config's {expected_act!r}")
     out += _slot_problems(ckpt, rmap, hidden)
     recorded = model_dir.rq.get("tensors_sha256")
-    if not out and recorded is not None and recorded != header_fingerprint(ckpt):
+    if not out and recorded is not None and recorded != header_fingerprint(ckpt.tensors):
         out.append("tensor headers (names, dtypes, shapes) differ from what rq wrote (rq.tensors_sha256)")
     return out
 

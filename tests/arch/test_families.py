@@ -19,8 +19,10 @@ import rq_tool
 from rq_tool.arch import get_family
 from rq_tool.arch.catalog import family_status, moe_causal_lm_types
 from rq_tool.errors import RQError
+from rq_tool.rewrite.layout import layout_key, recorded_layout
 from rq_tool.rewrite.verify import verify
 from rq_tool.runtime import RQExperts
+from rq_tool.source import SourceCheckpoint, read_config_dict
 from tiny_models import FAMILIES, save_tiny, tiny_config, write_texts
 
 REPLICA_ATOL = 1e-5  # replicas are bit-copies; only the order of fp32 sums may differ
@@ -139,6 +141,11 @@ def test_family_calibrate_rewrite_generate(rewritten, model_type, one_thread):
     out = gen("alpha beta", max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert out.startswith("alpha beta")
     assert sum(isinstance(m, RQExperts) for m in gen.model.modules()) == len(prof.layers)
+    # the layout calibrate recorded (what `rq rewrite --dry-run` plans from) is the one the full path reads
+    key = layout_key(SourceCheckpoint(root / "src"), read_config_dict(root / "src"))
+    assert recorded_layout(prof.model["layout"], key, "profile") == (greedy.layout, greedy.routing_map.activation)
+    dry = rq_tool.rewrite(root / "src", prof, None, schemes=["int8"], budget=0.9, dry_run=True, progress=False)
+    assert dry.routing_map.to_dict() == greedy.routing_map.to_dict()
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu", "gelu_pytorch_tanh"])

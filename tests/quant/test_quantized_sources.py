@@ -172,6 +172,10 @@ def test_quantized_source_greedy_rewrite_loads_and_generates(quantized, model_ty
             rq_tool.rewrite(root / "src", root / "p.json", tmp_path / "x", progress=False, dry_run=True)
     budget = 1.5 if method == "mxfp4" else 1.0
     res = rq_tool.rewrite(root / "src", root / "p.json", tmp_path / "out", budget=budget, progress=False)
+    # the dry run plans from the layout calibrate recorded (stored bytes of the quantized source included)
+    dry = rq_tool.rewrite(root / "src", root / "p.json", None, budget=budget, progress=False, dry_run=True)
+    assert dry.layout == res.layout and dry.routing_map.to_dict() == res.routing_map.to_dict()
+    assert json.loads((root / "p.json").read_text())["model"]["layout"]["source_quant"] == method
     stored = res.layout.stored_bytes
     for lp, layer in zip(res.plan.layers, res.layout.layers):
         assert lp.bytes_after <= budget * stored[layer]

@@ -122,6 +122,9 @@ def main(ctx, debug):
               help="Packed sequences to run.")
 @click.option("--seq-len", default=defaults.SEQ_LEN, show_default=True, type=BoundedInt(1, 1 << 20),
               help="Tokens per sequence.")
+@click.option("--chunk-tokens", default=None, type=BoundedInt(1, 1 << 20),
+              help="Record per-row loads per chunk of this many tokens (must divide --seq-len) instead of per "
+                   "sequence, so planning can resample steps finer than a sequence.")
 @click.option("--batch-size", default=defaults.BATCH_SIZE, show_default=True, type=BoundedInt(1, 1 << 16),
               help="Sequences per forward.")
 @click.option("--seed", default=defaults.SEED, show_default=True, type=BoundedInt(0, 2**32 - 1),
@@ -135,8 +138,8 @@ def main(ctx, debug):
               "larger than memory; needs accelerate).")
 @click.option("--force", is_flag=True, help="Replace an existing profile written by rq (never any other file).")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON instead of a table.")
-def calibrate(model, out, dataset, dataset_config, split, text_field, num_samples, seq_len, batch_size, seed, schemes,
-              no_quant_error, max_memory, force, as_json):
+def calibrate(model, out, dataset, dataset_config, split, text_field, num_samples, seq_len, chunk_tokens, batch_size,
+              seed, schemes, no_quant_error, max_memory, force, as_json):
     """Profile expert load and importance of MODEL (default: the bundled tiny MoE)."""
     from .calibrate import calibrate as run
     from .source import resolve_model_path
@@ -146,7 +149,7 @@ def calibrate(model, out, dataset, dataset_config, split, text_field, num_sample
     check_output(out, PROFILE_KIND, inputs, force)  # before the (long) calibration
     profile = run(model, dataset, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
                   schemes=schemes, quant_error=not no_quant_error, progress=not as_json, max_memory=max_memory,
-                  dataset_config=dataset_config, split=split, text_field=text_field)
+                  dataset_config=dataset_config, split=split, text_field=text_field, chunk_tokens=chunk_tokens)
     profile.save(out, PROFILE_KIND, inputs, force)
     if as_json:
         click.echo(json.dumps(profile.to_dict()))

@@ -30,7 +30,7 @@ class CalibrationData:
     sha256: str  # of the raw texts, in order
     input_ids: torch.Tensor
     num_texts: int
-    seq_domain: torch.Tensor | None = None  # [N] int64 majority domain (by tokens) of each sequence
+    seq_domain: torch.Tensor | None = None  # [N * S / C] int64 majority domain (by tokens) of each row (sequence or chunk)
     domains: tuple[str, ...] | None = None  # names seq_domain indexes
     texts_used: int | None = None  # the first this many texts of shuffled_order(num_texts, seed) gave the tokens
 
@@ -263,10 +263,11 @@ def split_used(texts: list[str], seed: int, texts_used: int) -> tuple[list[str],
 
 
 def pack(texts: list[str], tokenizer, *, num_samples: int, seq_len: int, seed: int, name: str,
-         tags: list[str] | None = None) -> CalibrationData:
+         tags: list[str] | None = None, chunk_tokens: int | None = None) -> CalibrationData:
     """Shuffle documents with ``seed``, tokenize, join with EOS, pack into ``[N, seq_len]``.
 
-    ``tags [len(texts)]``: a domain per text; each sequence then records its majority domain.
+    ``tags [len(texts)]``: a domain per text; each row of loads (a sequence, or each ``chunk_tokens``
+    chunk of one) then records its majority domain: ``seq_domain [N * seq_len / chunk_tokens]``.
     """
     if tags is not None:
         assert len(tags) == len(texts), "one tag per text"
@@ -300,8 +301,10 @@ def pack(texts: list[str], tokenizer, *, num_samples: int, seq_len: int, seed: i
     seq_domain = domains = None
     if tags is not None:
         domains = tuple(sorted(set(tags)))
-        tag_id = torch.tensor([domains.index(tags[order[j]]) for j in owner[: n * seq_len]]).view(n, seq_len)
-        hist = torch.zeros(n, len(domains), dtype=torch.int64).scatter_add_(1, tag_id, torch.ones_like(tag_id))
+        row = chunk_tokens or seq_len
+        tag_id = torch.tensor([domains.index(tags[order[j]]) for j in owner[: n * seq_len]]).view(-1, row)
+        hist = torch.zeros(tag_id.shape[0], len(domains), dtype=torch.int64).scatter_add_(
+            1, tag_id, torch.ones_like(tag_id))
         seq_domain = hist.argmax(-1)  # ties: the first domain name
     return CalibrationData(name=name, sha256=texts_sha256(texts), input_ids=input_ids, num_texts=len(texts),
                            seq_domain=seq_domain, domains=domains, texts_used=owner[n * seq_len - 1] + 1)

@@ -14,7 +14,8 @@ Layout (format ``rq-profile``, version 2; version 1 = the same without ``loads``
                  "shared": null | {"tokens", "output_energy"}}]}
 
      "loads": null | {"file": "profile.loads.safetensors", "sha256": "...", "shape": [N, L, E],
-               "unit": "sequence", "tokens_per_sequence": S, "domains": null | ["code", ...]}}
+               "unit": "sequence" | "chunk", "tokens_per_sequence": S, "tokens_per_row": S | C,
+               "domains": null | ["code", ...]}}
 
 ``calibration.texts_used`` / ``source`` (optional, written since issue 15): how many of the shuffled
 texts gave the tokens and where the data is (``rq_tool.calibrate.data.source_record``), so ``rq eval``
@@ -30,9 +31,11 @@ plans from it when all four still match, without building the model.
 instead of being exported as a dense layer.
 
 The distribution behind the pooled loads (v2): ``loads [N, L, E]`` int64, the routed token-slots
-of every calibration sequence, and when the calibration texts carry domain tags ``domain [N]``
-int64 (index into ``loads.domains``: each sequence's majority domain by tokens), in a safetensors
-file beside profile.json, referenced by name and sha256 (a changed file is refused; a missing one,
+of every calibration sequence (with ``calibration.chunk_tokens`` C, written since issue 13 by
+``rq calibrate --chunk-tokens C``: of every C-token chunk, S / C rows per sequence in order), and
+when the calibration texts carry domain tags ``domain [N]`` int64 (index into ``loads.domains``:
+each row's majority domain by tokens), in a safetensors file beside profile.json, referenced by
+name and sha256 (a changed file is refused; a missing one,
 e.g. a profile copied without it, loads with ``seq_loads = None``: pooled loads only).
 """
 
@@ -93,7 +96,7 @@ class Profile:
     calibration: dict
     schemes: list[str]
     layers: list[LayerProfile]
-    seq_loads: torch.Tensor | None = None  # [N, L, E] int64 per calibration sequence (v2)
+    seq_loads: torch.Tensor | None = None  # [N, L, E] int64 per calibration sequence, or chunk (v2)
     seq_domain: torch.Tensor | None = None  # [N] int64 index into ``domains``
     domains: list[str] | None = None
     loads_ref: dict | None = None  # the "loads" entry of the JSON, once saved or loaded
@@ -105,8 +108,14 @@ class Profile:
 
     @property
     def tokens_per_row(self) -> int:
-        """Tokens behind one row of ``seq_loads``: one calibration sequence's (``seq_len``)."""
-        return int(self.calibration.get("seq_len") or 1)
+        """Tokens behind one row of ``seq_loads``: ``chunk_tokens`` when calibrated per chunk, else
+        one calibration sequence's (``seq_len``)."""
+        return int(self.calibration.get("chunk_tokens") or self.calibration.get("seq_len") or 1)
+
+    @property
+    def rows_per_sequence(self) -> int:
+        """Rows of ``seq_loads`` per calibration sequence (1 unless calibrated per chunk)."""
+        return max(1, int(self.calibration.get("seq_len") or 1) // self.tokens_per_row)
 
     def load_matrix(self) -> torch.Tensor:
         """``[L, E]`` int64 loads of the MoE layers, in layer order."""
@@ -219,8 +228,10 @@ class Profile:
             with staged(path.with_name(name)) as tmp:
                 tmp.write_bytes(blob)
             doc["loads"] = {"file": name, "sha256": hashlib.sha256(blob).hexdigest(),
-                            "shape": list(self.seq_loads.shape), "unit": "sequence",
-                            "tokens_per_sequence": self.calibration.get("seq_len"), "domains": self.domains}
+                            "shape": list(self.seq_loads.shape),
+                            "unit": "chunk" if self.rows_per_sequence > 1 else "sequence",
+                            "tokens_per_sequence": self.calibration.get("seq_len"),
+                            "tokens_per_row": self.tokens_per_row, "domains": self.domains}
         write_text(path, json.dumps(doc, indent=1) + "\n", kind, inputs, force)
 
     @classmethod
@@ -276,7 +287,13 @@ def _check_types(d: dict, where: str) -> None:
     moe_layers = model.get("moe_layers")
     if moe_layers is not None:
         v.int_list(moe_layers, where, "model.moe_layers", 0, v.MAX_LAYERS)
-    v.check_dict(v.get(d, "calibration", where), where, "calibration")
+    cal = v.check_dict(v.get(d, "calibration", where), where, "calibration")
+    for key in ("seq_len", "chunk_tokens"):
+        if cal.get(key) is not None:
+            v.check_int(cal[key], where, f"calibration.{key}", 1, v.MAX_INT)
+    if cal.get("chunk_tokens") is not None and (not isinstance(cal.get("seq_len"), int)
+                                                or cal["seq_len"] % cal["chunk_tokens"]):
+        raise RQError(f"{where}: calibration.chunk_tokens must divide calibration.seq_len")
     schemes = v.check_list(v.get(d, "schemes", where), where, "schemes", 16)
     for s in schemes:
         v.check_str(s, where, "schemes", 64)

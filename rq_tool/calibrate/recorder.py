@@ -11,7 +11,7 @@ per logical expert e of each MoE layer, accumulates:
 - ``quant_error[s][e]``: ``sum w^2 ||y - y_s||^2`` where ``y_s`` uses the expert's weights after
   a round trip through scheme ``s`` -- what quantizing e would add to the layer output. Both
   ``y`` and ``y_s`` are computed in fp32 so the storage dtype's rounding does not mask int8 error;
-- ``seq_load [N, E]``: load per calibration sequence (for per-batch LIS).
+- ``seq_load [N, E]``: load per row: a calibration sequence, or a chunk of one (``batch_size`` rows per forward).
 
 Routing is untouched: the ids and weights are exactly what the family's router produced.
 Shared experts get a forward hook recording their token count and output energy.

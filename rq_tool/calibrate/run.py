@@ -34,17 +34,23 @@ def calibrate(
     dataset_config: str | None = None,
     split: str | None = None,
     text_field: str | None = None,
+    chunk_tokens: int | None = None,
 ) -> Profile:
     """Profile expert load and importance of an MoE model (``None`` = the bundled tiny MoE).
 
     ``dataset`` / ``dataset_config`` / ``split`` / ``text_field``: see ``rq_tool.calibrate.load_texts``;
     the profile records them (``calibration.source``) so ``rq eval`` can find the data again.
 
+    ``chunk_tokens`` (must divide ``seq_len``): record the per-row loads (``seq_loads``) per chunk of
+    that many tokens instead of per sequence, for planning steps finer than a sequence.
+
     ``max_memory`` (e.g. ``"8GB"``): calibrate a model larger than RAM by offloading the weights
     that do not fit to a temporary folder on disk (loaded layer by layer during the forward).
     """
     path = resolve_model_path(model)
-    dataset = (dataset, dataset_config, split, text_field)
+    if chunk_tokens is not None and not (1 <= chunk_tokens <= seq_len and seq_len % chunk_tokens == 0):
+        raise RQError(f"--chunk-tokens {chunk_tokens} must divide --seq-len {seq_len}")
+    dataset = (dataset, dataset_config, split, text_field, chunk_tokens)
     if max_memory is None:
         return _calibrate(path, load_model(path), dataset, num_samples, seq_len, batch_size, seed, schemes,
                           quant_error, lis_batch_sizes, progress)
@@ -65,13 +71,13 @@ def _calibrate(path, loaded, dataset, num_samples, seq_len, batch_size, seed, sc
         raise RQError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
     if batch_size < 1:
         raise RQError(f"--batch-size must be >= 1 (got {batch_size})")
-    spec, config, split, text_field = dataset
+    spec, config, split, text_field, chunk_tokens = dataset
     name, texts = load_texts(spec, config=config, split=split, text_field=text_field)
     data = pack(texts, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed, name=name,
-                tags=load_tags(spec, texts) if text_field is None else None)
+                tags=load_tags(spec, texts) if text_field is None else None, chunk_tokens=chunk_tokens)
     layers, seq_loads = profile_model(hf_model, family, data, batch_size=batch_size, schemes=schemes,
                                       quant_error=quant_error, lis_batch_sizes=lis_batch_sizes, progress=progress,
-                                      return_seq_loads=True)
+                                      return_seq_loads=True, rows_per_seq=seq_len // (chunk_tokens or seq_len))
     first = family.canonical_experts(family.moe_blocks(hf_model)[0][1].experts)
     return Profile(
         model={
@@ -99,6 +105,7 @@ def _calibrate(path, loaded, dataset, num_samples, seq_len, batch_size, seed, sc
             "tokens": data.num_tokens,
             "batch_size": batch_size,
             "seed": seed,
+            **({} if chunk_tokens is None else {"chunk_tokens": chunk_tokens}),
         },
         schemes=list(schemes) if quant_error else [],
         layers=layers,
@@ -110,11 +117,12 @@ def _calibrate(path, loaded, dataset, num_samples, seq_len, batch_size, seed, sc
 
 def profile_model(hf_model, family, data: CalibrationData, *, batch_size: int, schemes=QUANT_SCHEMES,
                   quant_error: bool = True, lis_batch_sizes=defaults.LIS_BATCH_SIZES,
-                  progress: bool = True, return_seq_loads: bool = False):
+                  progress: bool = True, return_seq_loads: bool = False, rows_per_seq: int = 1):
     """Run ``data.input_ids [N, S]`` through an already loaded model under the recorder.
 
-    Returns the ``LayerProfile`` list, and with ``return_seq_loads`` also ``seq_loads [N, L, E]``
-    int64 (each sequence's routed token-slots per layer and expert).
+    Returns the ``LayerProfile`` list, and with ``return_seq_loads`` also ``seq_loads [N * r, L, E]``
+    int64 (the routed token-slots per layer and expert of each sequence, or with ``rows_per_seq`` r > 1
+    of each of its r chunks of S / r tokens, in order).
     """
     ids = data.input_ids
     with torch.inference_mode(), ExpertRecorder(hf_model, family, schemes, quant_error) as rec:
@@ -122,7 +130,7 @@ def profile_model(hf_model, family, data: CalibrationData, *, batch_size: int, s
         bar = tqdm(total=ids.shape[0], desc="calibrating", unit="seq", disable=None if progress else True, leave=False)
         for start in range(0, ids.shape[0], batch_size):
             batch = ids[start:start + batch_size]
-            rec.batch_size = batch.shape[0]
+            rec.batch_size = batch.shape[0] * rows_per_seq  # rows of loads in this forward
             hf_model(input_ids=batch, use_cache=False)
             bar.update(batch.shape[0])
         bar.close()
@@ -137,7 +145,7 @@ def profile_model(hf_model, family, data: CalibrationData, *, batch_size: int, s
             output_energy=st.output_energy,
             output_power=st.output_power,
             quant_error=dict(st.quant_error),
-            lis_by_batch=lis_by_batch(seq_load, lis_batch_sizes),
+            lis_by_batch=lis_by_batch(seq_load.view(-1, rows_per_seq, st.num_experts).sum(1), lis_batch_sizes),
             shared={"tokens": st.shared_tokens, "output_energy": st.shared_energy} if st.has_shared else None,
         ))
     if return_seq_loads:

@@ -90,17 +90,22 @@ def kmeans_folds(seq_loads: torch.Tensor, k: int, seed: int = 0, iters: int = 20
 
 
 def make_folds(seq_loads: torch.Tensor, groups: torch.Tensor | None, names=None, per_step: int = 8,
-               seed: int = 0) -> tuple[torch.Tensor | None, list[str]]:
-    """Fold id per sequence ``[N]`` and fold names: domain tags when there are >= 2, else k-means
-    clusters (up to ``MAX_FOLDS``, each at least one step's worth), else ``(None, [])``."""
+               seed: int = 0, rows_per_seq: int = 1) -> tuple[torch.Tensor | None, list[str]]:
+    """Fold id per row ``[N]`` and fold names: domain tags when there are >= 2, else k-means
+    clusters (up to ``MAX_FOLDS``, each at least one step's worth), else ``(None, [])``.
+
+    ``rows_per_seq`` r: rows come r per calibration sequence (its chunks, in order); the k-means
+    clusters whole sequences, so no sequence is both planned on and held out."""
     N = seq_loads.shape[0]
     if groups is not None and torch.unique(groups).numel() >= 2:
         ids, inv = torch.unique(groups, return_inverse=True)
         return inv, [str(names[int(i)]) if names is not None else f"group {int(i)}" for i in ids]
     k = min(MAX_FOLDS, N // max(per_step, 2))
-    if k < 2:
+    r = rows_per_seq if rows_per_seq > 1 and N % rows_per_seq == 0 else 1
+    if k < 2 or N // r < 2:
         return None, []
-    fold = kmeans_folds(seq_loads, k, seed)
+    per_seq = seq_loads.reshape(N // r, r, *seq_loads.shape[1:]).sum(1)
+    fold = kmeans_folds(per_seq, min(k, N // r), seed).repeat_interleave(r)
     return fold, [f"cluster {i}" for i in range(int(fold.max()) + 1)]
 
 
@@ -181,18 +186,19 @@ def _merge(layouts: list[Layout], pick: list[int]) -> Layout:
 def plan_balance(seq_loads: torch.Tensor, num_devices: int, num_slots, original: Layout, *,
                  policy: str = "load-aware", per_step: int = 8, groups: torch.Tensor | None = None,
                  group_names=None, first_size=None, replica_size=None, capacity=None, fill_all: bool = False,
-                 num_steps: int = NUM_STEPS, seed: int = 0) -> BalanceResult:
+                 num_steps: int = NUM_STEPS, seed: int = 0, rows_per_seq: int = 1) -> BalanceResult:
     """Choose each layer's layout for the per-step objective, robust to held-out folds.
 
     ``seq_loads [N, L, E]`` per-sequence loads (N = 1: pooled only); ``num_slots [L]`` the most
     slots a layer may use; ``original``: the baseline layout; sizes/capacity: memory per slot and
-    per device (see ``fill_layout``); ``fill_all``: every slot must be used (engines).
+    per device (see ``fill_layout``); ``fill_all``: every slot must be used (engines);
+    ``rows_per_seq``: rows per calibration sequence (``make_folds``).
     """
     assert policy in POLICIES
     N, L, E = seq_loads.shape
     G = int(num_devices)
     num_slots = torch.as_tensor(num_slots, dtype=torch.int64).expand(L)
-    fold, names = make_folds(seq_loads, groups, group_names, per_step, seed)
+    fold, names = make_folds(seq_loads, groups, group_names, per_step, seed, rows_per_seq)
     C = len(CANDIDATES) + 1  # + original
     all_idx = torch.arange(N)
     F = max(len(names), 1)

@@ -72,7 +72,7 @@ def steps_per(source: LoadSource, batch_tokens: int | None, top_k: int | None) -
     if source.rows_are_steps or source.seq_loads.shape[0] == 1:
         return 1
     if batch_tokens is None:
-        return defaults.SEQS_PER_STEP
+        return defaults.SEQS_PER_STEP * source.rows_per_seq
     tokens = source.tokens_per_row
     if tokens is None:
         k = top_k or source.top_k
@@ -105,7 +105,7 @@ def plan_loads(source: LoadSource, ep_size: int, engine: str = "sglang", budget=
     original = Layout(*contiguous_layout(L, E, G)) if engine == "rq" else engine_default(L, E, P, G)
     seq = source.seq_loads.round().long()
     res = plan_balance(seq, G, P, original, policy=policy, per_step=per_step, groups=source.groups,
-                       group_names=source.group_names, fill_all=True, seed=seed)
+                       group_names=source.group_names, fill_all=True, seed=seed, rows_per_seq=source.rows_per_seq)
     pred = predict_balance(seq, res.layout, original, G, per_step=per_step, groups=source.groups,
                            group_names=source.group_names)
     return LoadsPlan(source, engine, G, P, per_step, policy, res, original, pred)

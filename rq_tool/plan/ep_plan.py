@@ -100,13 +100,14 @@ def _undo(scheme, phy2log, dev, error, nbytes, capacity, G):
 def plan_ep(seq_loads: torch.Tensor, error: torch.Tensor, schemes, scheme_bytes: torch.Tensor,
             budget_bytes: torch.Tensor, num_devices: int, *, max_error: float | None = defaults.MAX_ERROR,
             groups=None, group_names=None, per_step: int = defaults.SEQS_PER_STEP, layer_ids=None,
-            error_weight: str = "quant_error", fill_all: bool = True) -> Plan:
+            error_weight: str = "quant_error", fill_all: bool = True, rows_per_seq: int = 1) -> Plan:
     """The ``--ep-size`` plan (module docstring).
 
     ``seq_loads [N, L, E]`` (N = 1: pooled loads only), ``error [L, E, S]``, ``scheme_bytes
     [S]``, ``budget_bytes [L]`` per layer; every device gets ``budget_bytes // G`` of each layer.
     ``fill_all``: room left after the level fill takes extra copies (more per-step slack for
-    load-aware dispatch; what stays unused goes back to precision either way).
+    load-aware dispatch; what stays unused goes back to precision either way); ``rows_per_seq``:
+    rows of ``seq_loads`` per calibration sequence (``make_folds``).
     """
     N, L, E = seq_loads.shape
     G = int(num_devices)
@@ -123,7 +124,7 @@ def plan_ep(seq_loads: torch.Tensor, error: torch.Tensor, schemes, scheme_bytes:
     seq = seq_loads.round().long()
     res = plan_balance(seq, G, num_slots, original, policy="load-aware", per_step=per_step, groups=groups,
                        group_names=group_names, first_size=first, replica_size=replica, capacity=capacity,
-                       fill_all=fill_all)
+                       fill_all=fill_all, rows_per_seq=rows_per_seq)
     layers = []
     for l in range(L):
         phy2log, dev = res.layout.layer(l)

@@ -111,11 +111,12 @@ def heldout_ratio(seq: torch.Tensor, fold: torch.Tensor | None, l: int, k: int, 
 def plan_guarded(seq_loads: torch.Tensor, error: torch.Tensor, schemes, scheme_bytes: torch.Tensor,
                  budget_bytes: torch.Tensor, options: PlanOptions, *, groups=None, group_names=None,
                  per_step: int = defaults.SEQS_PER_STEP, layer_ids=None,
-                 device_counts=defaults.DEVICE_COUNTS) -> Plan:
+                 device_counts=defaults.DEVICE_COUNTS, rows_per_seq: int = 1) -> Plan:
     """The default ``rq rewrite`` plan (module docstring).
 
     ``seq_loads [N, L, E]`` (N = 1: pooled loads only, no held-out check), ``error [L, E, S]``
     (relative to expert output power), ``scheme_bytes [S]``, ``budget_bytes [L]`` per layer;
+    ``rows_per_seq``: rows of ``seq_loads`` per calibration sequence (its chunks; ``make_folds``);
     ``options.max_error`` the guard's cap (None: no cap), ``min_gain`` / replica caps as for greedy.
     """
     N, L, E = seq_loads.shape
@@ -124,7 +125,7 @@ def plan_guarded(seq_loads: torch.Tensor, error: torch.Tensor, schemes, scheme_b
     seq = seq_loads.round().long()
     load = seq_loads.double().sum(0)
     ids = list(range(L)) if layer_ids is None else list(layer_ids)
-    fold, fold_names = make_folds(seq, groups, group_names, per_step) if N > 1 else (None, [])
+    fold, fold_names = make_folds(seq, groups, group_names, per_step, rows_per_seq=rows_per_seq) if N > 1 else (None, [])
     src = int(nbytes[0])
     steps: dict = {}
     layers, ratios, wanted = [], [], []

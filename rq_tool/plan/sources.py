@@ -33,6 +33,7 @@ class LoadSource:
     num_hidden_layers: int
     top_k: int | None = None
     tokens_per_row: int | None = None  # tokens behind one row of seq_loads, when known
+    rows_per_seq: int = 1  # rows per calibration sequence (a profile calibrated per chunk)
     groups: torch.Tensor | None = None  # [N] domain index
     group_names: tuple[str, ...] | None = None
     source_scheme: str = "bf16"
@@ -111,7 +112,8 @@ def _profile(path: Path) -> LoadSource:
     D = prof.model.get("num_hidden_layers")
     D = int(D) if isinstance(D, int) and D > max(layers) else max(layers) + 1
     return LoadSource(path, "profile", seq, layers, D, top_k=prof.model.get("top_k"),
-                      tokens_per_row=prof.calibration.get("seq_len") if prof.seq_loads is not None else None,
+                      tokens_per_row=prof.tokens_per_row if prof.seq_loads is not None else None,
+                      rows_per_seq=prof.rows_per_sequence if prof.seq_loads is not None else 1,
                       groups=prof.seq_domain, group_names=None if prof.domains is None else tuple(prof.domains),
                       source_scheme=str(prof.model.get("expert_dtype") or "bf16"),
                       activation=str(prof.model.get("activation") or "silu"))

@@ -84,7 +84,7 @@ def build_plan(profile: Profile, layout: ExpertLayout, config: RewriteConfig, **
         seq = profile.seq_loads.double() if profile.seq_loads is not None else load[None]
         plan = plan_guarded(seq, error, names, scheme_bytes, budget_bytes, config.plan_options(**option_overrides),
                             groups=profile.seq_domain, group_names=profile.domains, per_step=per_step,
-                            layer_ids=list(layout.layers))
+                            layer_ids=list(layout.layers), rows_per_seq=profile.rows_per_sequence)
     else:
         plan = make_plan(load, error, names, scheme_bytes, budget_bytes, config.plan_options(**option_overrides),
                          global_budget=config.global_budget, layer_ids=list(layout.layers))
@@ -97,9 +97,11 @@ def build_plan(profile: Profile, layout: ExpertLayout, config: RewriteConfig, **
 
 def steps_per_profile(profile: Profile, batch_tokens: int | None) -> int:
     """Calibration rows summed into one planned step: ``batch_tokens`` over the tokens behind one
-    row of the profile's loads (a sequence, or a chunk), else ``defaults.SEQS_PER_STEP``."""
-    if batch_tokens is None or profile.seq_loads is None:
+    row of the profile's loads (a sequence, or a chunk), else ``defaults.SEQS_PER_STEP`` sequences."""
+    if profile.seq_loads is None:
         return defaults.SEQS_PER_STEP
+    if batch_tokens is None:
+        return defaults.SEQS_PER_STEP * profile.rows_per_sequence
     return rows_per_step(int(batch_tokens), profile.tokens_per_row)
 
 
@@ -117,7 +119,7 @@ def _build_ep_plan(profile, layout, load, error, names, scheme_bytes, budget_byt
     seq = profile.seq_loads.double() if profile.seq_loads is not None else load[None]
     return plan_ep(seq, error, names, scheme_bytes, budget_bytes, int(ep_size), max_error=max_error,
                    groups=profile.seq_domain, group_names=profile.domains, per_step=per_step,
-                   layer_ids=list(layout.layers), error_weight=importance)
+                   layer_ids=list(layout.layers), error_weight=importance, rows_per_seq=profile.rows_per_sequence)
 
 
 def _check_quantized_source_budget(layout: ExpertLayout, budget_bytes, scheme_bytes, names, global_budget) -> None:

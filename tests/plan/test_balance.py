@@ -85,6 +85,25 @@ def test_plan_balance_keeps_the_original_where_held_out_folds_say_so():
     assert float(after.double().mean()) <= float(before.double().mean())
 
 
+def test_with_held_out_folds_every_original_stays_on_its_device():
+    """Load-aware plans with folds are pinned (or the original): traffic unlike any calibration
+    domain -- here the experts no fold made hot -- is never busier per step than standard EP."""
+    L, E, G, N = 3, 16, 4, 48
+    g = torch.Generator().manual_seed(5)
+    dom = torch.arange(N) % 3
+    hot = torch.rand(3, L, E, generator=g) ** 6 * 200
+    seq = torch.poisson(hot[dom] + 2.0, generator=g).long()
+    orig = Layout(*contiguous_layout(L, E, G))
+    res = plan_balance(seq, G, 24, orig, policy="load-aware", per_step=4, groups=dom, group_names=["a", "b", "c"])
+    assert set(res.choice) <= {"pinned", "original"} and "pinned" in res.choice
+    slot_of = res.layout.phy2log[:, :E]
+    assert torch.equal(slot_of, orig.phy2log) and torch.equal(res.layout.slot_device[:, :E], orig.slot_device)
+    unseen = torch.poisson((hot.sum(0) < 1).double()[None].expand(64, L, E) * 40 + 1.0, generator=g).long()
+    after = step_device_loads(unseen, res.layout.phy2log, res.layout.slot_device, G, "load-aware").amax(-1)
+    before = step_device_loads(unseen, orig.phy2log, orig.slot_device, G, "load-aware").amax(-1)
+    assert bool((after <= before).all())
+
+
 def test_profile_v2_round_trip_v1_and_tampering(tmp_path):
     from rq_tool.calibrate.profile import LayerProfile, Profile
     from rq_tool.errors import RQError

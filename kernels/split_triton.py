@@ -16,9 +16,10 @@ each is water-filled over its devices:
   reference compares ``v < (amount + c) / k`` in float64, identical for counts below 2**50);
 - level ``(amount + c[k*-1]) // k*``, the ``rest`` lowest filled bins get one more.
 
-Then ``ROUNDS`` Gauss-Seidel passes take each replicated expert out and pour it again, and each
-device's share is split evenly over the expert's slots there (lower replica first). Integers
-throughout (int64), so the result is exactly the reference's.
+Then ``ROUNDS`` Gauss-Seidel passes (the reference stops early at a fixed point, where further
+passes are no-ops, so always running them gives the same result) take each replicated expert out
+and pour it again; each device's share is split evenly over the expert's slots there (lower
+replica first). Integers throughout (int64), so the result is exactly the reference's.
 
 ``assign_slots_triton`` reuses the occurrence-rank kernels of ``dispatch_triton`` (chunk ranks +
 per-expert scan) and picks, per pair, the replica whose cumulative quota first exceeds its

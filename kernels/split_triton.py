@@ -176,9 +176,13 @@ def _check_maps(log2phy: torch.Tensor, logcnt: torch.Tensor):
 
 
 def load_aware_split_triton(counts: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor,
-                            slot_device: torch.Tensor, num_devices: int) -> torch.Tensor:
-    """``counts [B, E]`` -> ``slot_counts [B, P]`` int64, exactly ``split.load_aware_split``."""
+                            slot_device: torch.Tensor, num_devices: int, rounds: int = _ROUNDS) -> torch.Tensor:
+    """``counts [B, E]`` -> ``slot_counts [B, P]`` int64, exactly ``split.load_aware_split`` with the
+    same ``rounds``. The kernel always runs all ``rounds`` Gauss-Seidel passes (``ROUNDS`` is a
+    constexpr: one compile per value); the reference stops at a fixed point, after which a pass
+    changes nothing, so both give the same slots."""
     _check_maps(log2phy, logcnt)
+    assert rounds >= 0, rounds
     assert counts.dim() == 2 and counts.shape[1] == log2phy.shape[0]
     B, E = counts.shape
     P, R = slot_device.numel(), log2phy.shape[1]
@@ -188,7 +192,7 @@ def load_aware_split_triton(counts: torch.Tensor, log2phy: torch.Tensor, logcnt:
     _load_aware_split_kernel[(B,)](
         counts.long().contiguous(), log2phy.contiguous(), logcnt.contiguous(), slot_device.long().contiguous(), out,
         B, E, R, P, int(num_devices),
-        ROUNDS=_ROUNDS, BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_G=max(16, triton.next_power_of_2(num_devices)),
+        ROUNDS=int(rounds), BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_G=max(16, triton.next_power_of_2(num_devices)),
     )
     return out
 

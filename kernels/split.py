@@ -10,7 +10,7 @@ Two policies, both pure functions from per-step expert counts to per-slot counts
 - ``load-aware``: water-filling. Experts with one slot are fixed on their device; each replicated
   expert (heaviest first, ties by lower id) pours its n pairs over the devices that hold its
   replicas, lowest device first, so that the busiest of those devices ends as light as possible;
-  a few Gauss-Seidel rounds then take each replicated expert out and pour it again given all the
+  up to ``_ROUNDS`` Gauss-Seidel rounds (stopping at a fixed point) then take each replicated expert out and pour it again given all the
   others. Within a device the expert's share is split evenly over its slots there (lower slot
   first). Integer, deterministic, ``sum`` over an expert's slots equals its count exactly.
 
@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 SPLIT_POLICIES = ("round-robin", "load-aware")
-_ROUNDS = 3  # Gauss-Seidel passes after the first pour; measured: more rarely changes the max
+_ROUNDS = 12  # Gauss-Seidel passes after the first pour (stops early at a fixed point); chain layouts
+# (replicas chained across devices) converge slowly: on Zipf s=1 E=64 G=64 the device max/mean is 1.07 after 3, 1.037 after 12
 
 
 def round_robin_split(counts: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -98,12 +99,16 @@ def load_aware_split(counts: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.
         plans.append((e, slots, devs, inv))
     share = {}
     for it in range(1 + rounds):
+        changed = False
         for e, slots, devs, inv in plans:
             if it:  # take the expert out before pouring it again
                 load.scatter_add_(1, devs.view(1, -1).expand(B, -1), -share[e])
             add = _pour(load[:, devs], counts[:, e])
+            changed = changed or not it or not torch.equal(add, share[e])
             share[e] = add
             load.scatter_add_(1, devs.view(1, -1).expand(B, -1), add)
+        if not changed:  # a fixed point: further passes change nothing
+            break
     for e, slots, devs, inv in plans:
         add = share[e]
         # split each device's share evenly over the expert's slots on that device, lower slot first

@@ -16,9 +16,10 @@ each is water-filled over its devices:
   reference compares ``v < (amount + c) / k`` in float64, identical for counts below 2**50);
 - level ``(amount + c[k*-1]) // k*``, the ``rest`` lowest filled bins get one more.
 
-Then ``ROUNDS`` Gauss-Seidel passes take each replicated expert out and pour it again, and each
-device's share is split evenly over the expert's slots there (lower replica first). Integers
-throughout (int64), so the result is exactly the reference's.
+Then ``ROUNDS`` Gauss-Seidel passes (the reference stops early at a fixed point, where further
+passes are no-ops, so always running them gives the same result) take each replicated expert out
+and pour it again; each device's share is split evenly over the expert's slots there (lower
+replica first). Integers throughout (int64), so the result is exactly the reference's.
 
 ``assign_slots_triton`` reuses the occurrence-rank kernels of ``dispatch_triton`` (chunk ranks +
 per-expert scan) and picks, per pair, the replica whose cumulative quota first exceeds its
@@ -175,9 +176,13 @@ def _check_maps(log2phy: torch.Tensor, logcnt: torch.Tensor):
 
 
 def load_aware_split_triton(counts: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor,
-                            slot_device: torch.Tensor, num_devices: int) -> torch.Tensor:
-    """``counts [B, E]`` -> ``slot_counts [B, P]`` int64, exactly ``split.load_aware_split``."""
+                            slot_device: torch.Tensor, num_devices: int, rounds: int = _ROUNDS) -> torch.Tensor:
+    """``counts [B, E]`` -> ``slot_counts [B, P]`` int64, exactly ``split.load_aware_split`` with the
+    same ``rounds``. The kernel always runs all ``rounds`` Gauss-Seidel passes (``ROUNDS`` is a
+    constexpr: one compile per value); the reference stops at a fixed point, after which a pass
+    changes nothing, so both give the same slots."""
     _check_maps(log2phy, logcnt)
+    assert rounds >= 0, rounds
     assert counts.dim() == 2 and counts.shape[1] == log2phy.shape[0]
     B, E = counts.shape
     P, R = slot_device.numel(), log2phy.shape[1]
@@ -187,7 +192,7 @@ def load_aware_split_triton(counts: torch.Tensor, log2phy: torch.Tensor, logcnt:
     _load_aware_split_kernel[(B,)](
         counts.long().contiguous(), log2phy.contiguous(), logcnt.contiguous(), slot_device.long().contiguous(), out,
         B, E, R, P, int(num_devices),
-        ROUNDS=_ROUNDS, BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_G=max(16, triton.next_power_of_2(num_devices)),
+        ROUNDS=int(rounds), BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_G=max(16, triton.next_power_of_2(num_devices)),
     )
     return out
 

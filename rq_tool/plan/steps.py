@@ -114,6 +114,7 @@ def _load_aware(counts, phy2log, slot_device, G, rounds: int = _ROUNDS):
     shares = torch.zeros(M, B, L, C, dtype=torch.int64)
     amount_all = counts.gather(2, order[None].expand(B, L, M)) * present[None]  # [B, L, M]
     for it in range(1 + rounds):
+        changed = it == 0
         for j in range(M):
             d_j, ok = devs_c[:, j], dev_ok[:, j]  # [L, C]
             idx = d_j[None].expand(B, L, C)
@@ -121,8 +122,11 @@ def _load_aware(counts, phy2log, slot_device, G, rounds: int = _ROUNDS):
                 load.scatter_add_(2, idx, -shares[j])
             base = torch.where(ok[None], load.gather(2, idx), _BIG)
             add = _pour(base.reshape(B * L, C), amount_all[:, :, j].reshape(B * L)).view(B, L, C) * ok[None]
+            changed = changed or not torch.equal(add, shares[j])
             shares[j] = add
             load.scatter_add_(2, idx, add)
+        if not changed:  # a fixed point: further passes change nothing
+            break
     return load
 
 

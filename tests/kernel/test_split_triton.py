@@ -30,36 +30,75 @@ def _random_map(E, extra, G, gen, spread=True):
 
 
 # (E, extra replicas, G, B rows). The interpreter runs the water-filling loop (replicated experts x
-# 4 passes) as numpy calls, ~5 ms each: the wide shapes are slow-marked (they still run in CI).
+# (1 + rounds) passes) as numpy calls, ~5 ms each, and the kernel always runs every pass: the grid
+# runs at GRID_ROUNDS on both sides, the default _ROUNDS on small shapes only; the wide shapes are
+# slow-marked (they still run in CI).
 SHAPES = [(1, 0, 1, 1), (2, 3, 2, 1), (4, 2, 2, 2), (8, 8, 4, 3), (16, 8, 8, 1), (16, 32, 4, 2), (33, 11, 3, 2)]
 WIDE = [(64, 64, 8, 1), (64, 16, 16, 2), (128, 64, 8, 1)]
+SMALL = [(4, 2, 2, 2), (8, 4, 4, 1)]
 SCALES = [0, 3, 1000, 100_000]
+GRID_ROUNDS = 3
 
 
 @pytest.mark.parametrize("E,extra,G,B", SHAPES)
 @pytest.mark.parametrize("scale", SCALES)
 def test_load_aware_split_matches_reference(E, extra, G, B, scale):
-    _check_load_aware(E, extra, G, B, scale)
+    _check_load_aware(E, extra, G, B, scale, GRID_ROUNDS)
+
+
+@pytest.mark.parametrize("E,extra,G,B", SMALL)
+def test_load_aware_split_default_rounds(E, extra, G, B):
+    _check_load_aware(E, extra, G, B, 1000, None)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("E,extra,G,B", WIDE)
 def test_load_aware_split_wide(E, extra, G, B):
-    _check_load_aware(E, extra, G, B, 3)
+    _check_load_aware(E, extra, G, B, 3, GRID_ROUNDS)
 
 
-def _check_load_aware(E, extra, G, B, scale):
+def _check_load_aware(E, extra, G, B, scale, rounds):
+    """Both implementations at ``rounds`` Gauss-Seidel passes (``None``: each one's default)."""
     from rq_tool.kernels.split_triton import load_aware_split_triton
 
+    kw = {} if rounds is None else {"rounds": rounds}
     gen = torch.Generator().manual_seed(E * 7 + extra * 3 + G + B + scale)
     for spread in (True, False):
         log2phy, logcnt, dev = _random_map(E, extra, G, gen, spread)
         counts = torch.randint(0, scale + 1, (B, E), generator=gen).to(DEV)
         if scale == 3:  # many ties
             counts[:, : E // 2] = 2
-        want = load_aware_split(counts, log2phy, logcnt, dev, G)
-        got = load_aware_split_triton(counts, log2phy, logcnt, dev, G)
-        assert torch.equal(got, want), (E, extra, G, B, scale, spread)
+        want = load_aware_split(counts, log2phy, logcnt, dev, G, **kw)
+        got = load_aware_split_triton(counts, log2phy, logcnt, dev, G, **kw)
+        assert torch.equal(got, want), (E, extra, G, B, scale, spread, rounds)
+
+
+def test_early_stop_equals_running_every_round(monkeypatch):
+    """The reference stops at a fixed point; the kernel runs every pass: same slots. The case is
+    picked so that the reference does stop early (counted by its pours) and so that more passes
+    than one change the shares (rounds=1 differs), i.e. the rounds after the first matter."""
+    import rq_tool.kernels.split as split
+    from rq_tool.kernels.split_triton import load_aware_split_triton
+
+    pours = []
+    real_pour = split._pour
+    monkeypatch.setattr(split, "_pour", lambda *a: pours.append(1) or real_pour(*a))
+    rounds = split._ROUNDS
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(50):  # the first random chain layout that needs more than one pass and converges
+        log2phy, logcnt, dev = _random_map(12, 12, 4, gen)
+        counts = torch.randint(0, 1000, (1, 12), generator=gen).to(DEV)
+        pours.clear()
+        want = load_aware_split(counts, log2phy, logcnt, dev, 4, rounds=rounds)
+        passes = len(pours) // int((logcnt > 1).sum())
+        if passes < 1 + rounds and not torch.equal(want, load_aware_split(counts, log2phy, logcnt, dev, 4, rounds=1)):
+            break
+    else:
+        pytest.fail("no case stops early after more than one useful pass")
+    assert 2 < passes < 1 + rounds
+    assert torch.equal(load_aware_split_triton(counts, log2phy, logcnt, dev, 4, rounds=rounds), want)
+    # and the kernel at exactly the passes the reference ran gives the same: the extra passes are no-ops
+    assert torch.equal(load_aware_split_triton(counts, log2phy, logcnt, dev, 4, rounds=passes - 2), want)
 
 
 @pytest.mark.parametrize("E,extra,G,B", SHAPES)
@@ -76,14 +115,14 @@ def test_round_robin_split_matches_reference(E, extra, G, B):
 @pytest.mark.parametrize("T,K", [(1, 1), (33, 2), (257, 6), (2048, 2)])
 @pytest.mark.parametrize("E,extra,G", [(8, 4, 2), (64, 32, 8), (16, 0, 4)])
 def test_assign_slots_matches_reference(T, K, E, extra, G):
-    from rq_tool.kernels.split_triton import assign_slots_triton, load_aware_split_triton
+    from rq_tool.kernels.split_triton import assign_slots_triton
 
     gen = torch.Generator().manual_seed(T + K + E + extra + G)
     log2phy, logcnt, dev = _random_map(E, extra, G, gen)
     K = min(K, E)
     topk = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).to(DEV)
     counts = torch.bincount(topk.reshape(-1).cpu(), minlength=E).view(1, E).to(DEV)
-    slot_counts = load_aware_split_triton(counts, log2phy, logcnt, dev, G)[0]
+    slot_counts = load_aware_split(counts, log2phy, logcnt, dev, G)[0]  # the split's parity is tested above
     got = assign_slots_triton(topk, log2phy, logcnt, slot_counts)
     assert torch.equal(got, assign_slots(topk, log2phy, logcnt, slot_counts))
     # every slot receives exactly its quota

@@ -6,7 +6,7 @@ planner's budget is checked against what lands on disk and in memory.
 
 Stored layouts (version 1 of the rq slot format; the runtime and kernels read exactly these):
 - float schemes ``fp32`` / ``bf16`` / ``fp16``: ``{"w": W.to(dtype)}``.
-- ``int8`` (LLM.int8-style row-wise absmax, via bitsandbytes): ``{"q": int8 [out, in],
+- ``int8`` (LLM.int8-style row-wise absmax, bitsandbytes' ``int8_vectorwise_quant``): ``{"q": int8 [out, in],
   "scale": fp32 [out]}`` with ``W ~= q * scale[:, None]`` (scale = row absmax / 127).
 - ``nf4`` (bitsandbytes NormalFloat4, blocksize 64, no double quantization): ``{"q": uint8
   [out * in / 2], "absmax": fp32 [out * in / 64]}``, bitsandbytes' packed order (row-major,
@@ -82,8 +82,20 @@ def _float_scheme(name: str, dtype: torch.dtype) -> Scheme:
 
 
 def _int8_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    q, absmax, _ = _bnb_functional().int8_vectorwise_quant(w.detach().float().contiguous())
-    return {"q": q.contiguous(), "scale": (absmax.float() / 127.0).contiguous()}
+    """bitsandbytes' ``int8_vectorwise_quant`` (no outlier threshold), bit for bit.
+
+    On CPU bitsandbytes runs its default kernel, plain torch ops; they are repeated here so a rewrite
+    never imports bitsandbytes for int8 (seconds of import on a loaded VM, paid inside the streaming
+    pass's first quantize). Row absmax by ``amax`` (the same value as the kernel's ``max(...).values``,
+    without its argmax), one buffer rounded in place. Other devices call bitsandbytes' own kernel.
+    """
+    a = w.detach().float().contiguous()
+    if a.device.type != "cpu":
+        q, absmax, _ = _bnb_functional().int8_vectorwise_quant(a)
+        return {"q": q.contiguous(), "scale": (absmax.float() / 127.0).contiguous()}
+    absmax = a.abs().amax(dim=1)
+    scaled = a * (127.0 / absmax.unsqueeze(-1))
+    return {"q": scaled.round_().to(torch.int8), "scale": (absmax / 127.0).contiguous()}
 
 
 def _int8_dequantize(st, shape, dtype):

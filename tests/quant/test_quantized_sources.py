@@ -28,13 +28,19 @@ def _sqnr_db(ref, got):
 
 
 # ------------------------------------------------------------------------------ dequantization
-def test_fp8_dequantize_matches_transformers_including_partial_blocks():
+@pytest.mark.parametrize("chunk_values", [None, 1, 3 * 128 * 384], ids=["whole", "one-row-block", "three-row-blocks"])
+def test_fp8_dequantize_matches_transformers_including_partial_blocks(monkeypatch, chunk_values):
+    """The same numbers whether fp8_dequantize works through the matrix at once or row blocks at a time."""
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize, _dequantize_fp8_weight
 
+    from rq_tool.quant import sources
+
+    monkeypatch.setattr(sources, "FP8_DEQUANT_VALUES", chunk_values or 1 << 40)
+
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(256, 384, generator=g)
+    w = torch.randn(640, 384, generator=g)
     q, s = fp8_quantize(w, (128, 128))
-    assert q.dtype == torch.float8_e4m3fn and s.shape == (2, 3) == fp8_scale_shape((256, 384), (128, 128))
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (5, 3) == fp8_scale_shape((640, 384), (128, 128))
     assert torch.equal(fp8_dequantize(q, s, (128, 128), torch.bfloat16),
                        Fp8Dequantize(None)._dequantize_one(q, s, output_dtype=torch.bfloat16))
     w3 = torch.randn(3, 200, 300, generator=g)  # edge blocks of 72 rows / 44 columns, stacked experts

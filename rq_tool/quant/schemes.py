@@ -87,15 +87,22 @@ def _int8_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
     On CPU bitsandbytes runs its default kernel, plain torch ops; they are repeated here so a rewrite
     never imports bitsandbytes for int8 (seconds of import on a loaded VM, paid inside the streaming
     pass's first quantize). Row absmax by ``amax`` (the same value as the kernel's ``max(...).values``,
-    without its argmax), one buffer rounded in place. Other devices call bitsandbytes' own kernel.
+    without its argmax); whole rows at a time, about ``defaults.CHUNK_VALUES`` values, each chunk's
+    fp32 copy scaled and rounded in place (8x faster than whole-matrix temporaries on a 4096 x 7168
+    expert). Other devices call bitsandbytes' own kernel.
     """
-    a = w.detach().float().contiguous()
-    if a.device.type != "cpu":
-        q, absmax, _ = _bnb_functional().int8_vectorwise_quant(a)
+    w = w.detach()
+    if w.device.type != "cpu":
+        q, absmax, _ = _bnb_functional().int8_vectorwise_quant(w.float().contiguous())
         return {"q": q.contiguous(), "scale": (absmax.float() / 127.0).contiguous()}
-    absmax = a.abs().amax(dim=1)
-    scaled = a * (127.0 / absmax.unsqueeze(-1))
-    return {"q": scaled.round_().to(torch.int8), "scale": (absmax / 127.0).contiguous()}
+    O, C = w.shape
+    q, absmax = torch.empty((O, C), dtype=torch.int8), torch.empty(O, dtype=torch.float32)
+    step = max(1, defaults.CHUNK_VALUES // max(1, C))
+    for r0 in range(0, O, step):
+        a = w[r0:r0 + step].to(torch.float32, copy=True)
+        m = torch.amax(a.abs(), dim=1, out=absmax[r0:r0 + step])
+        q[r0:r0 + step] = a.mul_(127.0 / m.unsqueeze(-1)).round_()
+    return {"q": q, "scale": absmax / 127.0}
 
 
 def _int8_dequantize(st, shape, dtype):

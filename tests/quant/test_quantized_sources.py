@@ -33,9 +33,9 @@ def test_fp8_dequantize_matches_transformers_including_partial_blocks(monkeypatc
     """The same numbers whether fp8_dequantize works through the matrix at once or row blocks at a time."""
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize, _dequantize_fp8_weight
 
-    from rq_tool.quant import sources
+    from rq_tool import defaults
 
-    monkeypatch.setattr(sources, "FP8_DEQUANT_VALUES", chunk_values or 1 << 40)
+    monkeypatch.setattr(defaults, "CHUNK_VALUES", chunk_values or 1 << 40)
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(640, 384, generator=g)
@@ -191,11 +191,16 @@ def test_quantized_source_greedy_rewrite_loads_and_generates(quantized, model_ty
     assert out.startswith("alpha beta") and len(out) > len("alpha beta")
 
 
-def test_int8_quantize_is_bitsandbytes_bit_for_bit():
-    """rq's torch int8 quantizer on CPU (amax, in-place round) = bitsandbytes' int8_vectorwise_quant."""
+@pytest.mark.parametrize("chunk_values", [None, 1, 7 * 160], ids=["whole", "one-row", "seven-rows"])
+def test_int8_quantize_is_bitsandbytes_bit_for_bit(monkeypatch, chunk_values):
+    """rq's torch int8 quantizer on CPU (amax, in-place round, rows in chunks) = bitsandbytes'
+    int8_vectorwise_quant."""
     import bitsandbytes.functional as bnbf
 
+    from rq_tool import defaults
     from rq_tool.quant import get_scheme
+
+    monkeypatch.setattr(defaults, "CHUNK_VALUES", chunk_values or 1 << 40)
 
     g = torch.Generator().manual_seed(4)
     for scale in (1e-6, 1.0, 300.0):

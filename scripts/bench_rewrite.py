@@ -38,10 +38,11 @@ reclaimable); an ``import`` row gives the floor a child reaches by importing rq 
 peak RSS across sizes means the rewrite holds about one layer plus the source shard(s) it reads, never
 the model: output tensors are streamed to disk as they are made (rq_tool/rewrite/shards.py ShardWriter).
 
-``--baseline DIR`` children import ``rq_tool`` from DIR and nothing else of it: only DIR/rq_tool is put
-on their path (through a symlink in a temporary directory), they run with PYTHONSAFEPATH=1 from that
-directory, so neither tree's root ``kernels/`` folder shadows PyPI's ``kernels`` package (which
-transformers imports); every child reports the ``rq_tool`` it imported and the bench checks it.
+Every child imports ``rq_tool`` from one tree and nothing else of it: this script's own tree, or DIR for
+``--baseline DIR`` rows. Only TREE/rq_tool is put on its path (a symlink in a temporary directory, ahead
+of any installed rq_tool), it runs with PYTHONSAFEPATH=1 from that directory, so no tree's root
+``kernels/`` folder shadows PyPI's ``kernels`` package (which transformers imports); every child reports
+the ``rq_tool`` it imported and the bench checks it. A snapshot (``git archive HEAD``) thus benches itself.
 
     python scripts/bench_rewrite.py                       # ~1 GB and ~3 GB
     python scripts/bench_rewrite.py --layers 4,14 --json
@@ -240,11 +241,12 @@ def run_child(mode: str, src: Path, profile: Path, out: Path, shard_bytes: int, 
     """
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads), "PYTHONSAFEPATH": "1"}
     want = Path(__file__).resolve().parents[1] / "rq_tool"  # this tree's, unless the baseline's
+    if mode.endswith("@baseline"):
+        mode, want = mode.split("@")[0], Path(baseline) / "rq_tool"
     with tempfile.TemporaryDirectory(prefix="rq-bench-path-") as path_dir:
-        if mode.endswith("@baseline"):  # only the baseline's rq_tool on the path: see the module docstring
-            mode, want = mode.split("@")[0], Path(baseline) / "rq_tool"
-            (Path(path_dir) / "rq_tool").symlink_to(want)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (path_dir, env.get("PYTHONPATH")) if p)
+        # only that tree's rq_tool on the path, ahead of an installed one: see the module docstring
+        (Path(path_dir) / "rq_tool").symlink_to(want)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (path_dir, env.get("PYTHONPATH")) if p)
         p = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(profile), str(out), str(shard_bytes)],
                              stdout=subprocess.PIPE, text=True, env=env, cwd=path_dir)
         stdout = p.stdout.read()

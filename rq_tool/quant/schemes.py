@@ -53,6 +53,15 @@ def _bnb_dequantize_4bit():
         return None
 
 
+def chunk_units(device: torch.device, unit_values: int, units: int) -> int:
+    """How many units (rows, blocks) of ``unit_values`` values one chunk of a CPU quantize /
+    dequantize takes (about ``defaults.CHUNK_VALUES`` values, at least one unit); on an accelerator
+    all of them (one launch per op beats cache-sized chunks there)."""
+    if torch.device(device).type != "cpu":
+        return max(1, units)
+    return max(1, defaults.CHUNK_VALUES // max(1, unit_values))
+
+
 @dataclass(frozen=True)
 class Scheme:
     """One storage scheme. ``bits`` is nominal (for tables); ``nbytes`` is exact."""
@@ -97,7 +106,7 @@ def _int8_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"q": q.contiguous(), "scale": (absmax.float() / 127.0).contiguous()}
     O, C = w.shape
     q, absmax = torch.empty((O, C), dtype=torch.int8), torch.empty(O, dtype=torch.float32)
-    step = max(1, defaults.CHUNK_VALUES // max(1, C))
+    step = chunk_units(w.device, C, O)
     for r0 in range(0, O, step):
         a = w[r0:r0 + step].to(torch.float32, copy=True)
         m = torch.amax(a.abs(), dim=1, out=absmax[r0:r0 + step])

@@ -40,9 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import defaults
 from ..checkpoint import TORCH_TO_ST
 from ..errors import RQError
+from .schemes import chunk_units
 
 SOURCE_METHODS = ("fp8", "mxfp4")
 # E2M1 (FP4) values by 4-bit code (transformers' FP4_VALUES)
@@ -224,7 +224,7 @@ def fp8_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     O, C = q.shape[-2:]
     full, rem = divmod(C, bn)
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
-    step = bm * max(1, defaults.CHUNK_VALUES // (bm * max(1, C) * math.prod(q.shape[:-2])))
+    step = bm * chunk_units(q.device, bm * C * math.prod(q.shape[:-2]), -(-O // bm))
     for r0 in range(0, O, step):
         r1 = min(O, r0 + step)
         w = _fp8_to_float(q[..., r0:r1, :])

@@ -53,6 +53,10 @@ STRATEGY = "greedy"
 SHARD_BYTES = 2 * 1024**3  # max bytes per output safetensors shard
 # output bytes queued for the writer/hash threads at most (flat memory: the rewrite blocks, not grows)
 WRITE_INFLIGHT_BYTES = 512 * 1024**2
+# CPU quantize / dequantize of one matrix (int8 quantize, fp8 dequantize) works through it whole rows at
+# a time, about this many values: fp32 temporaries of ~2 MB, reused from the allocator and cache-sized,
+# instead of fresh page-faulted whole-matrix ones (measured 3-9x faster on DeepSeek-sized experts)
+CHUNK_VALUES = 1 << 19
 REWRITE_WORKERS = 2  # threads that dequantize / quantize experts (torch ops release the GIL)
 MAX_REPLICAS_PER_EXPERT = 8  # the original counts as one
 MAX_SLOTS_FACTOR = 3.0  # P <= 3 E physical slots per layer

@@ -15,13 +15,34 @@ profile with the matching config hash (skewed loads), then runs, each in a fresh
 FP8 bytes, rq dequantizes the experts it keeps (bf16 slots) and copies the rest as stored. With
 ``--repeat N`` every job runs N times, interleaved; the table shows medians and the min-max spread.
 
-Throughput = source bytes / seconds of the work itself up to durable bytes (os.sync() included, the
-child's imports not); ratio = rewrite throughput / copy throughput. Peak RSS = the child's own
-high-water mark (VmHWM; see ``run_child`` for why not ru_maxrss alone), split into sampled peaks of
-anonymous memory (tensors) and file pages (the mmapped source shards being read, reclaimable); an
-``import`` row gives the floor a child reaches by importing rq and torch alone. Flat peak RSS across
-sizes means the rewrite holds about one layer plus the source shard(s) it reads, never the model:
-output tensors are streamed to disk as they are made (rq_tool/rewrite/shards.py ShardWriter).
+Each rewrite run is split in two at the moment the first tensor is streamed (the child wraps
+``rq_tool.rewrite.writer._stream``, the same function in both trees):
+
+  start-up   everything before it: opening the source (config, family -- building the family's meta
+             model imports its transformers modeling code --, safetensors headers), the profile check,
+             planning. A fixed cost per run, whatever the checkpoint's size.
+  stream     the rest, to durable bytes: the streaming pass (every tensor read, transformed, written and
+             hashed), then config / routing map / runtime code / manifest, then os.sync().
+
+Throughput = source bytes / seconds (the child's imports never counted; os.sync() always counted, both
+sides pay the same writeback). Two ratios, each per repetition against the copy of the same
+repetition, then median and min-max spread:
+
+  vs copy          (start-up + stream) -- what a user waits for; at ~1 GB start-up weighs about as much
+                   as the copy itself, so this ratio grows with the checkpoint's size
+  stream vs copy   stream only -- the steady state a large checkpoint approaches
+
+Peak RSS = the child's own high-water mark (VmHWM; see ``run_child`` for why not ru_maxrss alone), split
+into sampled peaks of anonymous memory (tensors) and file pages (the mmapped source shards being read,
+reclaimable); an ``import`` row gives the floor a child reaches by importing rq and torch alone. Flat
+peak RSS across sizes means the rewrite holds about one layer plus the source shard(s) it reads, never
+the model: output tensors are streamed to disk as they are made (rq_tool/rewrite/shards.py ShardWriter).
+
+Every child imports ``rq_tool`` from one tree and nothing else of it: this script's own tree, or DIR for
+``--baseline DIR`` rows. Only TREE/rq_tool is put on its path (a symlink in a temporary directory, ahead
+of any installed rq_tool), it runs with PYTHONSAFEPATH=1 from that directory, so no tree's root
+``kernels/`` folder shadows PyPI's ``kernels`` package (which transformers imports); every child reports
+the ``rq_tool`` it imported and the bench checks it. A snapshot (``git archive HEAD``) thus benches itself.
 
     python scripts/bench_rewrite.py                       # ~1 GB and ~3 GB
     python scripts/bench_rewrite.py --layers 4,14 --json
@@ -50,6 +71,7 @@ CHILD = r"""
 import json, os, sys, threading, time
 mode, src, profile, out, shard_bytes = sys.argv[1:6]
 peak = {"RssAnon": 0, "RssFile": 0}
+marks = {}
 def status():
     with open("/proc/self/status") as f:
         return {l.split(":")[0]: int(l.split()[1]) for l in f if l.startswith(("RssAnon", "RssFile", "VmHWM"))}
@@ -59,6 +81,7 @@ def sample():  # anonymous (heap, tensors) vs file-backed (mmapped source shards
             if k in peak:
                 peak[k] = max(peak[k], v)
         time.sleep(0.01)
+rq_file = None
 if mode == "copy":
     import shutil
     from pathlib import Path
@@ -69,18 +92,27 @@ if mode == "copy":
         shutil.copyfile(p, Path(out) / p.name)
 elif mode == "import":
     import rq_tool.rewrite.writer, torch  # noqa: F401  the memory floor of a rewrite child
+    rq_file = rq_tool.__file__
     threading.Thread(target=sample, daemon=True).start()
     time.sleep(0.05)
     t0 = time.perf_counter()
 else:
     import rq_tool.rewrite.writer
+    rq_file = rq_tool.__file__
+    w = sys.modules["rq_tool.rewrite.writer"]  # (rq_tool.rewrite is the function)
+    stream = w._stream
+    def _stream(*a, **k):  # start-up ends where the first tensor is streamed
+        marks["stream_t0"] = time.perf_counter()
+        return stream(*a, **k)
+    w._stream = _stream
     threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
     rq_tool.rewrite(src, profile, out, strategy=mode, progress=False, shard_bytes=int(shard_bytes))
 os.sync()  # timed to durable bytes: both sides pay the same writeback
-seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds, "vmhwm_kib": status()["VmHWM"], "anon_kib": peak["RssAnon"],
-                  "file_kib": peak["RssFile"]}))
+t1 = time.perf_counter()
+startup = marks["stream_t0"] - t0 if marks else 0.0
+print(json.dumps({"seconds": t1 - t0, "startup_s": startup, "stream_s": t1 - t0 - startup, "rq_tool": rq_file,
+                  "vmhwm_kib": status()["VmHWM"], "anon_kib": peak["RssAnon"], "file_kib": peak["RssFile"]}))
 """
 
 
@@ -207,19 +239,25 @@ def run_child(mode: str, src: Path, profile: Path, out: Path, shard_bytes: int, 
     ru_maxrss across exec (and RUSAGE_CHILDREN is the maximum over all children so far), so for a
     small child of this large parent ru_maxrss alone would report this process's size.
     """
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads)}
-    cwd = None
-    if mode.endswith("@baseline"):  # the baseline tree first on sys.path ('' = the child's cwd comes first)
-        mode, cwd = mode.split("@")[0], baseline
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (baseline, env.get("PYTHONPATH")) if p)
-    p = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(profile), str(out), str(shard_bytes)],
-                         stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
-    stdout = p.stdout.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise SystemExit(f"{mode} child failed with exit code {p.returncode}")
-    res = json.loads(stdout.strip().splitlines()[-1])
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads), "PYTHONSAFEPATH": "1"}
+    want = Path(__file__).resolve().parents[1] / "rq_tool"  # this tree's, unless the baseline's
+    if mode.endswith("@baseline"):
+        mode, want = mode.split("@")[0], Path(baseline) / "rq_tool"
+    with tempfile.TemporaryDirectory(prefix="rq-bench-path-") as path_dir:
+        # only that tree's rq_tool on the path, ahead of an installed one: see the module docstring
+        (Path(path_dir) / "rq_tool").symlink_to(want)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (path_dir, env.get("PYTHONPATH")) if p)
+        p = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(profile), str(out), str(shard_bytes)],
+                             stdout=subprocess.PIPE, text=True, env=env, cwd=path_dir)
+        stdout = p.stdout.read()
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            raise SystemExit(f"{mode} child failed with exit code {p.returncode}")
+        res = json.loads(stdout.strip().splitlines()[-1])
+        got = res.pop("rq_tool")  # resolved while the symlink exists
+        if got is not None and Path(got).resolve().parent != want.resolve():
+            raise SystemExit(f"{mode} child imported rq_tool from {got}, expected {want}")
     res["peak_rss_mb"] = res.pop("vmhwm_kib") / 1024
     res["peak_anon_mb"] = res.pop("anon_kib") / 1024  # sampled every 10 ms
     res["peak_file_mb"] = res.pop("file_kib") / 1024
@@ -240,7 +278,7 @@ def bench_size(args, layers: int, root: Path, source: str) -> list[dict]:
     build_s = time.perf_counter() - t0
     n_shards = len(list(src.glob("*.safetensors")))
     modes = ["import", "copy", *args.strategies]
-    if args.baseline and source == "bf16":  # the baseline may not read FP8 sources
+    if args.baseline:  # the baseline tree must read every --source asked for
         modes += [f"{m}@baseline" for m in args.strategies]
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(args.repeat):
@@ -250,6 +288,7 @@ def bench_size(args, layers: int, root: Path, source: str) -> list[dict]:
             res = run_child(mode, src, profile, out, args.out_shard_mb * MB, args.threads, args.baseline)
             if mode != "import":
                 res["gb_per_s"] = weight_bytes / 1e9 / res["seconds"]
+                res["stream_gb_per_s"] = weight_bytes / 1e9 / res["stream_s"]
                 res["out_gb"] = dir_bytes(out) / 1e9
             runs[mode].append(res)
             shutil.rmtree(out, ignore_errors=True)
@@ -261,25 +300,41 @@ def bench_size(args, layers: int, root: Path, source: str) -> list[dict]:
         rows.append(row)
     copy = next(r for r in rows if r["mode"] == "copy")
     for r in rows:
-        if "gb_per_s" in r:
-            # ratio per repetition against the copy of the same repetition, then median and spread
-            ratios = [x["gb_per_s"] / c["gb_per_s"] for x, c in zip(r["runs"], copy["runs"])]
-            r["ratio_vs_copy"] = statistics.median(ratios)
-            r["ratio_min"], r["ratio_max"] = min(ratios), max(ratios)
+        # each ratio per repetition against the copy of the same repetition, then median and spread;
+        # the copy has no start-up: its stream throughput is its throughput
+        for name, speed in (("ratio_vs_copy", "gb_per_s"), ("stream_ratio_vs_copy", "stream_gb_per_s")):
+            if speed in r:
+                ratios = [x[speed] / c["gb_per_s"] for x, c in zip(r["runs"], copy["runs"])]
+                r[name] = statistics.median(ratios)
+                r[name + "_spread"] = (min(ratios), max(ratios))
+        if "startup_s" in r:
+            r["startup_spread"] = (min(x["startup_s"] for x in r["runs"]), max(x["startup_s"] for x in r["runs"]))
     return rows
 
 
+def _ratio(r: dict, name: str) -> str:
+    """``0.55x (0.50-0.60)``: median and min-max over the repetitions, or blanks."""
+    if name not in r:
+        return f"{'':>17}"
+    lo, hi = r[name + "_spread"]
+    return f"{r[name]:>5.2f}x ({lo:.2f}-{hi:.2f})"
+
+
 def table(rows: list[dict]) -> str:
-    head = (f"{'layers':>6} {'source':>13} {'mode':<24} {'seconds':>8} {'GB/s':>6} {'vs copy':>8} {'(min-max)':>11} "
-            f"{'out':>8} {'peak RSS':>9} {'anon':>6} {'file':>6}")
+    head = (f"{'layers':>6} {'source':>13} {'mode':<24} {'seconds':>8} {'start-up':>15} {'stream':>7} "
+            f"{'GB/s':>6} {'vs copy':>17} {'stream vs copy':>17} {'out':>8} {'peak RSS':>9} {'anon':>6} {'file':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        ratio = f"{r['ratio_vs_copy']:>7.2f}x" if "ratio_vs_copy" in r else f"{'':>8}"
-        spread = f"{r['ratio_min']:>5.2f}-{r['ratio_max']:.2f}" if "ratio_min" in r else f"{'':>11}"
         speed = f"{r['gb_per_s']:>6.2f}" if "gb_per_s" in r else f"{'':>6}"
         out = f"{r['out_gb']:>6.2f}GB" if "out_gb" in r else f"{'':>8}"
         src = f"{r['source_gb']:.2f}GB {r['source']}"
-        lines.append(f"{r['layers']:>6} {src:>13} {r['mode']:<24} {r['seconds']:>8.2f} {speed} {ratio} {spread:>11} "
+        if r["mode"] in ("copy", "import"):
+            startup, stream = f"{'':>15}", f"{'':>7}"
+        else:
+            lo, hi = r["startup_spread"]
+            startup, stream = f"{r['startup_s']:>5.2f} ({lo:.2f}-{hi:.2f})", f"{r['stream_s']:>7.2f}"
+        lines.append(f"{r['layers']:>6} {src:>13} {r['mode']:<24} {r['seconds']:>8.2f} {startup:>15} {stream} {speed} "
+                     f"{_ratio(r, 'ratio_vs_copy')} {_ratio(r, 'stream_ratio_vs_copy')} "
                      f"{out} {r['peak_rss_mb']:>6.0f} MB {r['peak_anon_mb']:>6.0f} {r['peak_file_mb']:>6.0f}")
     return "\n".join(lines)
 
@@ -328,7 +383,9 @@ def main() -> None:
     else:
         print(table(rows))
         print(f"output shards: {args.out_shard_mb} MB; {args.threads} thread(s), {os.cpu_count()} CPUs; "
-              "seconds include os.sync(); peak RSS = the child's VmHWM; anon / file = sampled peaks (MB) of "
+              "seconds = start-up + stream, medians (start-up: min-max beside it); stream includes the metadata, "
+              "manifest and os.sync(); vs copy = throughput incl. start-up / copy's, stream vs copy = excl. "
+              "start-up, both median (min-max) of per-repetition ratios; peak RSS = the child's VmHWM; anon / file = sampled peaks (MB) of "
               "anonymous memory and of file pages (the mmapped source shards being read)")
 
 

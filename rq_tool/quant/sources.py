@@ -42,6 +42,7 @@ import torch
 
 from ..checkpoint import TORCH_TO_ST
 from ..errors import RQError
+from .schemes import chunk_units
 
 SOURCE_METHODS = ("fp8", "mxfp4")
 # E2M1 (FP4) values by 4-bit code (transformers' FP4_VALUES)
@@ -212,21 +213,29 @@ def fp8_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     """``q [..., O, C]`` float8 and ``scale_inv [..., ceil(O/bm), ceil(C/bn)]`` -> ``[..., O, C]`` in ``dtype``.
 
     Computed in fp32 (``q * scale``), then rounded once to ``dtype``, as transformers does. Edge
-    blocks may be partial (DeepSeek-V3's 576-row ``kv_a_proj_with_mqa`` has 5 row blocks).
+    blocks may be partial (DeepSeek-V3's 576-row ``kv_a_proj_with_mqa`` has 5 row blocks). Block
+    scales: whole row blocks at a time (about ``defaults.CHUNK_VALUES`` values), each written into
+    the output (3-5x faster than whole-matrix temporaries on a 7168 x 2048 expert).
     """
-    w = _fp8_to_float(q)
     s = _scale_float(scale_inv)
     if block is None or s.numel() == 1:
-        return (w * s.reshape(())).to(dtype)
+        return (_fp8_to_float(q) * s.reshape(())).to(dtype)
     bm, bn = block
-    O, C = w.shape[-2:]
-    s = s.repeat_interleave(bm, dim=-2)[..., :O, :]  # [..., O, ceil(C/bn)]: rows only, columns broadcast
+    O, C = q.shape[-2:]
     full, rem = divmod(C, bn)
-    if full:  # in place on the fp32 copy, through a view: the scales are never expanded over columns
-        w[..., : full * bn].unflatten(-1, (full, bn)).mul_(s[..., :full, None])
-    if rem:
-        w[..., full * bn:].mul_(s[..., full:])
-    return w.to(dtype)
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    step = bm * chunk_units(q.device, bm * C * math.prod(q.shape[:-2]), -(-O // bm))
+    for r0 in range(0, O, step):
+        r1 = min(O, r0 + step)
+        w = _fp8_to_float(q[..., r0:r1, :])
+        # [..., r1 - r0, ceil(C/bn)]: rows only, columns broadcast
+        sr = s[..., r0 // bm: -(-r1 // bm), :].repeat_interleave(bm, dim=-2)[..., : r1 - r0, :]
+        if full:  # in place on the fp32 rows, through a view: the scales are never expanded over columns
+            w[..., : full * bn].unflatten(-1, (full, bn)).mul_(sr[..., :full, None])
+        if rem:
+            w[..., full * bn:].mul_(sr[..., full:])
+        out[..., r0:r1, :] = w
+    return out
 
 
 def fp8_quantize(w: torch.Tensor, block: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:

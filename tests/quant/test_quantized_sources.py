@@ -1,6 +1,8 @@
 """Quantized source checkpoints (block-FP8, MXFP4): dequantization, calibration, exact and greedy rewrites."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,13 +28,19 @@ def _sqnr_db(ref, got):
 
 
 # ------------------------------------------------------------------------------ dequantization
-def test_fp8_dequantize_matches_transformers_including_partial_blocks():
+@pytest.mark.parametrize("chunk_values", [None, 1, 3 * 128 * 384], ids=["whole", "one-row-block", "three-row-blocks"])
+def test_fp8_dequantize_matches_transformers_including_partial_blocks(monkeypatch, chunk_values):
+    """The same numbers whether fp8_dequantize works through the matrix at once or row blocks at a time."""
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize, _dequantize_fp8_weight
 
+    from rq_tool import defaults
+
+    monkeypatch.setattr(defaults, "CHUNK_VALUES", chunk_values or 1 << 40)
+
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(256, 384, generator=g)
+    w = torch.randn(640, 384, generator=g)
     q, s = fp8_quantize(w, (128, 128))
-    assert q.dtype == torch.float8_e4m3fn and s.shape == (2, 3) == fp8_scale_shape((256, 384), (128, 128))
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (5, 3) == fp8_scale_shape((640, 384), (128, 128))
     assert torch.equal(fp8_dequantize(q, s, (128, 128), torch.bfloat16),
                        Fp8Dequantize(None)._dequantize_one(q, s, output_dtype=torch.bfloat16))
     w3 = torch.randn(3, 200, 300, generator=g)  # edge blocks of 72 rows / 44 columns, stacked experts
@@ -185,6 +193,38 @@ def test_quantized_source_greedy_rewrite_loads_and_generates(quantized, model_ty
     out = pipeline("text-generation", model=model, tokenizer=tok)("alpha beta", max_new_tokens=4,
                                                                    do_sample=False)[0]["generated_text"]
     assert out.startswith("alpha beta") and len(out) > len("alpha beta")
+
+
+@pytest.mark.parametrize("chunk_values", [None, 1, 7 * 160], ids=["whole", "one-row", "seven-rows"])
+def test_int8_quantize_is_bitsandbytes_bit_for_bit(monkeypatch, chunk_values):
+    """rq's torch int8 quantizer on CPU (amax, in-place round, rows in chunks) = bitsandbytes'
+    int8_vectorwise_quant."""
+    import bitsandbytes.functional as bnbf
+
+    from rq_tool import defaults
+    from rq_tool.quant import get_scheme
+
+    monkeypatch.setattr(defaults, "CHUNK_VALUES", chunk_values or 1 << 40)
+
+    g = torch.Generator().manual_seed(4)
+    for scale in (1e-6, 1.0, 300.0):
+        w = torch.randn(96, 160, generator=g) * scale
+        w[1] = torch.arange(160) - 80.0
+        w[1, 0] = 254.0  # 127 / absmax = 0.5: every odd value lands on a .5 tie (round half to even)
+        w[2, :] = -w[2].abs()  # a row whose absmax is a negative value
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = w.to(dtype)
+            q, absmax, _ = bnbf.int8_vectorwise_quant(x.float().contiguous())
+            st = get_scheme("int8").quantize(x)
+            assert st["q"].dtype == torch.int8 and torch.equal(st["q"], q)
+            assert torch.equal(st["scale"], absmax.float() / 127.0)
+
+
+def test_int8_quantize_on_cpu_never_imports_bitsandbytes():
+    code = ("import sys, torch; from rq_tool.quant import get_scheme; "
+            "get_scheme('int8').quantize(torch.randn(8, 16)); print('bitsandbytes' in sys.modules)")
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_nf4_quantize_is_bitsandbytes_bit_for_bit():

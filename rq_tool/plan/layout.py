@@ -296,6 +296,9 @@ def _fill(w, T, num_slots, G, first_size, rep_size, cap, orig_cap=None, pin=None
             rest -= piece * go
             is_first &= ~go
             n += go.long()
+            # the next pass's ``active`` without its pass: a row still on its first piece now has ok False
+            if not bool((ok & (rest > tiny)).any()):
+                break
         ok &= ~((rest > tiny) & ok)
     expert, device, first = expert[:, :S], device[:, :S], first[:, :S]
     return expert, device, first, ok, used

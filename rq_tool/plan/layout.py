@@ -257,10 +257,12 @@ def _fill(w, T, num_slots, G, first_size, rep_size, cap, orig_cap=None, pin=None
             if not active.any():
                 break
             sz = torch.where(is_first, f_o[:, j], r_o[:, j])[:, None]
-            room = (used + sz <= cap_all) & ~held & ((rem > tiny[:, None]) | is_first[:, None])
-            room &= ~is_first[:, None] | (originals < ocap)
+            fit = used + sz <= cap_all
+            room = fit & ~held & ((rem > tiny[:, None]) | is_first[:, None])
+            if orig_cap is not None:
+                room &= ~is_first[:, None] | (originals < ocap)
             if pin is not None:  # pinned rows: each original stays on its standard-EP device
-                home = (gid == pin_o[:, j][:, None]) & (used + sz <= cap_all)
+                home = (gid == pin_o[:, j][:, None]) & fit
                 room = torch.where((pinned & is_first)[:, None], home, room)
             kept = room & (used + sz <= cap_whole)
             free = whole & kept.any(-1) & (~pinned if pin is not None else True)
@@ -291,8 +293,10 @@ def _fill(w, T, num_slots, G, first_size, rep_size, cap, orig_cap=None, pin=None
             rem -= hot * piece[:, None]
             used += hot * sz
             held |= hot
-            originals += hot * is_first[:, None]
-            wholes += hot * (is_first & whole)[:, None]
+            if orig_cap is not None:
+                originals += hot * is_first[:, None]
+            if even is not None:
+                wholes += hot * (is_first & whole)[:, None]
             rest -= piece * go
             is_first &= ~go
             n += go.long()

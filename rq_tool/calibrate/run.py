@@ -50,20 +50,20 @@ def calibrate(
     path = resolve_model_path(model)
     if chunk_tokens is not None and not (1 <= chunk_tokens <= seq_len and seq_len % chunk_tokens == 0):
         raise RQError(f"--chunk-tokens {chunk_tokens} must divide --seq-len {seq_len}")
-    dataset = (dataset, dataset_config, split, text_field, chunk_tokens)
+    dataset = (dataset, dataset_config, split, text_field)
     if max_memory is None:
         return _calibrate(path, load_model(path), dataset, num_samples, seq_len, batch_size, seed, schemes,
-                          quant_error, lis_batch_sizes, progress)
+                          quant_error, lis_batch_sizes, progress, chunk_tokens)
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="rq-offload-") as offload:
         loaded = load_model(path, max_memory=max_memory, offload_folder=offload)
         return _calibrate(path, loaded, dataset, num_samples, seq_len, batch_size, seed, schemes, quant_error,
-                          lis_batch_sizes, progress)
+                          lis_batch_sizes, progress, chunk_tokens)
 
 
 def _calibrate(path, loaded, dataset, num_samples, seq_len, batch_size, seed, schemes, quant_error, lis_batch_sizes,
-               progress) -> Profile:
+               progress, chunk_tokens) -> Profile:
     hf_model, family = loaded
     tokenizer = load_tokenizer(path)
     max_pos = getattr(hf_model.config, "max_position_embeddings", None)
@@ -71,7 +71,7 @@ def _calibrate(path, loaded, dataset, num_samples, seq_len, batch_size, seed, sc
         raise RQError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
     if batch_size < 1:
         raise RQError(f"--batch-size must be >= 1 (got {batch_size})")
-    spec, config, split, text_field, chunk_tokens = dataset
+    spec, config, split, text_field = dataset
     name, texts = load_texts(spec, config=config, split=split, text_field=text_field)
     data = pack(texts, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed, name=name,
                 tags=load_tags(spec, texts) if text_field is None else None, chunk_tokens=chunk_tokens)
@@ -79,6 +79,7 @@ def _calibrate(path, loaded, dataset, num_samples, seq_len, batch_size, seed, sc
                                       quant_error=quant_error, lis_batch_sizes=lis_batch_sizes, progress=progress,
                                       return_seq_loads=True, rows_per_seq=seq_len // (chunk_tokens or seq_len))
     first = family.canonical_experts(family.moe_blocks(hf_model)[0][1].experts)
+    activation = family.activation(hf_model.config)
     return Profile(
         model={
             "path": str(path),
@@ -90,9 +91,9 @@ def _calibrate(path, loaded, dataset, num_samples, seq_len, batch_size, seed, sc
             "num_hidden_layers": int(hf_model.config.num_hidden_layers),
             "moe_layers": [layer for layer, _ in family.moe_blocks(hf_model)],  # so a missing layer is caught
             "expert_dtype": scheme_for_dtype(first["gate_up"].dtype),
-            "activation": family.activation(hf_model.config),
+            "activation": activation,
             # the checkpoint's expert layout, so `rq rewrite --dry-run` plans without building the model
-            "layout": source_layout_record(path, family, family.activation(hf_model.config)),
+            "layout": source_layout_record(path, family, activation),
         },
         calibration={
             "dataset": data.name,

@@ -78,31 +78,31 @@ def placed(load: torch.Tensor, phy2log: torch.Tensor, slot_bytes: torch.Tensor, 
 
 
 def heldout_ratio(seq: torch.Tensor, fold: torch.Tensor | None, l: int, k: int, slot_bytes_of, src_bytes: int,
-                  per_step: int, device_counts, steps: dict, stop_above: float = math.inf) -> float:
+                  per_step: int, device_counts, cache: dict, stop_above: float = math.inf) -> float:
     """Worst held-out per-step max/mean of layer ``l`` with ``k`` replicas over the original's (1.0 = as good).
 
     ``seq [N, L, E]`` int64, ``fold [N]`` (None: no folds, 1.0); ``slot_bytes_of(phy2log) -> [P]``;
-    ``steps``: a cache of what does not depend on ``k`` (each fold's sampled held-out steps
-    ``[B, L, E]``, the original layout's score per fold, layer and device count). Returns as soon as
+    ``cache``: what does not depend on ``k``, shared over calls: ``("steps", f)`` fold f's sampled held-out
+    steps ``[B, L, E]``, ``("original", f, l, G)`` the original layout's score on them. Returns as soon as
     the worst exceeds ``stop_above`` (then a value above it, not necessarily the worst)."""
     if fold is None or k == 0:
         return 1.0
     E = seq.shape[-1]
     worst = 0.0
     for f in range(int(fold.max()) + 1):
-        if f not in steps:
-            steps[f] = sample_steps(seq, per_step, NUM_STEPS, seed=f, pool=(fold == f).nonzero().flatten())
-        test = steps[f][:, l:l + 1]
+        if ("steps", f) not in cache:
+            cache["steps", f] = sample_steps(seq, per_step, NUM_STEPS, seed=f, pool=(fold == f).nonzero().flatten())
+        test = cache["steps", f][:, l:l + 1]
         train = seq[fold != f, l].double().sum(0)
         phy2log = slots_of(replicate(train[None], torch.tensor([E + k])))[0]
         nbytes = slot_bytes_of(phy2log)
         for G in device_counts:
-            if (f, l, G) not in steps:
+            if ("original", f, l, G) not in cache:
                 orig_phy, orig_dev = contiguous_layout(1, E, G)
-                steps[f, l, G] = float(step_max_mean(test, orig_phy, orig_dev, G, POLICY).mean())
+                cache["original", f, l, G] = float(step_max_mean(test, orig_phy, orig_dev, G, POLICY).mean())
             dev = placed(train, phy2log, nbytes, G, E * src_bytes)
             after = float(step_max_mean(test, phy2log[None], dev[None], G, POLICY).mean())
-            worst = max(worst, after / max(steps[f, l, G], 1e-300))
+            worst = max(worst, after / max(cache["original", f, l, G], 1e-300))
             if worst > stop_above:
                 return worst
     return worst
@@ -127,7 +127,7 @@ def plan_guarded(seq_loads: torch.Tensor, error: torch.Tensor, schemes, scheme_b
     ids = list(range(L)) if layer_ids is None else list(layer_ids)
     fold, fold_names = make_folds(seq, groups, group_names, per_step, rows_per_seq=rows_per_seq) if N > 1 else (None, [])
     src = int(nbytes[0])
-    steps: dict = {}
+    cache: dict = {}
     layers, ratios, wanted = [], [], []
     for l in range(L):
         scheme, r_max = guard_schemes(load[l], error[l], nbytes, int(budget[l]), options.max_error)
@@ -141,7 +141,7 @@ def plan_guarded(seq_loads: torch.Tensor, error: torch.Tensor, schemes, scheme_b
             return nbytes[s]
 
         def ratio_of(k, slot_bytes_of=slot_bytes_of):
-            return heldout_ratio(seq, fold, l, k, slot_bytes_of, src, per_step, device_counts, steps, _TOLERANCE)
+            return heldout_ratio(seq, fold, l, k, slot_bytes_of, src, per_step, device_counts, cache, _TOLERANCE)
 
         ratio = ratio_of(k)
         while k > 0 and ratio > _TOLERANCE:  # replication did not hold up on a held-out fold: fewer replicas

@@ -85,13 +85,14 @@ def rewrite(
     if "rq" in config_dict:
         raise RQError(f"{src} is already an rq-rewritten model; rewrite the original model")
     inputs = [src] if isinstance(profile, Profile) else [src, Path(profile)]
-    where = "profile" if isinstance(profile, Profile) else str(profile)
+    profile_where = "profile" if isinstance(profile, Profile) else str(profile)
     if not isinstance(profile, Profile):
         profile = Profile.load(profile)
-    if dry_run or out is None:
+    ckpt = None
+    if (dry_run or out is None) and profile.model.get("layout") is not None:
         # a layout the profile recorded for this very config and headers: plan without building the model
         ckpt = SourceCheckpoint(src)
-        recorded = recorded_layout(profile.model.get("layout"), layout_key(ckpt, config_dict), where)
+        recorded = recorded_layout(profile.model["layout"], layout_key(ckpt, config_dict), profile_where)
         if recorded is not None:
             layout, activation = recorded
             plan = build_plan(profile, layout, config)
@@ -104,7 +105,8 @@ def rewrite(
         # the output policy (rq_tool.outputs) before any work; stale temporaries are tidied first, so
         # a backup left by a killed --force rewrite is back in place before the checks
         check_output(out, MODEL_DIR, inputs, force, notify=lambda note: tqdm.write(f"rq: {note}", file=sys.stderr))
-    ckpt = SourceCheckpoint(src)
+    if ckpt is None:
+        ckpt = SourceCheckpoint(src)
     layout = read_layout(ckpt, family)
     plan = build_plan(profile, layout, config)
     rmap = routing_map_from_plan(plan, layout, family.activation(hf_config))

@@ -8,7 +8,7 @@ weighted sum in fp32 and return ``x.dtype``. Quantized slots are dequantized to 
 (``x.dtype``): the reference does it per slot per call (nothing cached: the memory saving of a
 quantized slot is the point), the Triton path fuses int8 dequantization into the matmul, and the
 CPU path (``experts_cpu``) computes int8 slots with weight-only int8 matmuls and dequantizes
-only the nf4 slots a batch uses.
+only the nf4 / fp8 slots a batch uses.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def moe_experts_grouped(
 ) -> torch.Tensor:
     """The torch path the CPU runtime runs (``experts_cpu``): the reference's math, scheme group by
     scheme group, computing only the slots the batch uses (int8 with weight-only int8 matmuls,
-    nf4 dequantized for the call, nothing cached)."""
+    nf4 / fp8 dequantized for the call, nothing cached)."""
     _check(x, topk_weights, dispatch, weights)
     return moe_experts_cpu(x, topk_weights, dispatch.phy_ids, weights)
 

@@ -11,7 +11,7 @@ two kernels, each launched once per scheme group over that group's blocks (grid:
    down bias, routing weight; writes fp32 ``[T*K, H]`` rows at their flat pair index.
    The combine over k is ``out.view(T, K, H).sum(1)`` in torch: deterministic, fp32, no atomics.
 
-nf4 slots are dequantized in torch (only the slots this batch uses) into a compute-dtype buffer,
+nf4 and fp8 slots are dequantized in torch (only the slots this batch uses) into a compute-dtype buffer,
 then run through the float kernels. Dot operands are the compute dtype on GPU (fp32 with IEEE
 precision for fp32); the interpreter stores bf16 as raw uint16 and cannot multiply it, so there
 every operand is converted to fp32 first.
@@ -30,7 +30,7 @@ except ImportError as e:  # pragma: no cover - imported only when the Triton bac
 from rq_tool.errors import RQError
 
 from .backend import interpreter_enabled
-from .slots import scheme_kind
+from .slots import DEQUANTIZED_KINDS, scheme_kind
 from .types import Dispatch, SlotWeights
 
 # activation spec -> ACT code of _activate
@@ -205,7 +205,7 @@ def moe_experts_triton(
         if blocks.numel() == 0:
             continue
         kind, group = scheme_kind(name), weights.groups[g]
-        if kind == "nf4":  # dequantize only the slots this batch uses, then run as float
+        if kind in DEQUANTIZED_KINDS:  # dequantize only the slots this batch uses, then run as float
             used = torch.unique(dispatch.block_slot[blocks])
             w_gu, w_dn = weights.dequantize_rows(g, weights.slot_index[used], dtype)
             widx = torch.zeros(weights.num_slots, dtype=torch.int64, device=x.device)

@@ -11,7 +11,10 @@ Per group, the tensors follow ``rq_tool.quant.schemes`` (stacked over the group'
 - int8: ``gate_up [n_g, 2I, H] int8``, ``gate_up_scale [n_g, 2I] fp32``, ``down [n_g, H, I] int8``,
   ``down_scale [n_g, H] fp32``, with ``W ~= q * scale[:, None]``;
 - nf4: ``gate_up [n_g, 2I*H/2] uint8``, ``gate_up_absmax [n_g, 2I*H/64] fp32``, same for ``down``
-  (bitsandbytes packing, blocksize 64).
+  (bitsandbytes packing, blocksize 64);
+- fp8: ``gate_up [n, 2I, H] float8_e4m3fn``, ``gate_up_scale_inv [n, ceil(2I/128), ceil(H/128)] fp32``,
+  ``down [n, H, I]``, ``down_scale_inv [n, ceil(H/128), ceil(I/128)]``, ``W = q * scale_inv`` of its
+  128 x 128 block (an FP8 source's experts kept as stored).
 
 Quantizing and dequantizing a group go through the scheme's own ``quantize`` / ``dequantize``
 (``rq_tool.quant``): one path for the rewrite, the runtime and both kernel implementations. The
@@ -24,18 +27,25 @@ import torch
 
 from rq_tool.errors import RQError
 from rq_tool.quant import NF4_BLOCKSIZE, get_scheme
+from rq_tool.quant.schemes import FP8_BLOCK
 
 # scheme kind -> extra tensor suffix per matrix (None for float)
-_EXTRA = {"int8": "scale", "nf4": "absmax"}
+_EXTRA = {"int8": "scale", "nf4": "absmax", "fp8": "scale_inv"}
+# kinds the kernels dequantize (the slots a batch uses) before a float matmul
+DEQUANTIZED_KINDS = ("nf4", "fp8")
 
 
 def scheme_kind(name: str) -> str:
-    """``"float"``, ``"int8"`` or ``"nf4"`` for a scheme name."""
+    """``"float"``, ``"int8"``, ``"nf4"`` or ``"fp8"`` for a scheme name."""
     if get_scheme(name).is_float:
         return "float"
     if name not in _EXTRA:
-        raise RQError(f"the experts kernels do not read scheme {name!r}; they read float, int8 and nf4")
+        raise RQError(f"the experts kernels do not read scheme {name!r}; they read float, int8, nf4 and fp8")
     return name
+
+
+def _blocks(n: int, b: int) -> int:
+    return -(-n // b)
 
 
 def group_shapes(scheme: str, n: int, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
@@ -50,6 +60,10 @@ def group_shapes(scheme: str, n: int, hidden: int, inter: int) -> dict[str, tupl
     shapes = {"gate_up": (n, 2 * inter, hidden), "down": (n, hidden, inter)}
     if kind == "int8":
         shapes.update(gate_up_scale=(n, 2 * inter), down_scale=(n, hidden))
+    elif kind == "fp8":
+        bm, bn = FP8_BLOCK
+        shapes.update(gate_up_scale_inv=(n, _blocks(2 * inter, bm), _blocks(hidden, bn)),
+                      down_scale_inv=(n, _blocks(hidden, bm), _blocks(inter, bn)))
     return shapes
 
 

@@ -30,7 +30,7 @@ INDEX_FILE = "model.safetensors.index.json"  # the Hugging Face shard index
 # ---- registry names ---------------------------------------------------------------------
 # Each registry checks itself against its names here at import, so the CLI offers exactly the
 # registered choices without importing the registry (and torch) to print its help.
-SCHEME_NAMES = ("fp32", "bf16", "fp16", "int8", "nf4")  # rq_tool.quant.SCHEMES
+SCHEME_NAMES = ("fp32", "bf16", "fp16", "int8", "nf4", "fp8")  # rq_tool.quant.SCHEMES
 QUANT_SCHEMES = ("int8", "nf4")  # the planner's cheaper options, most precise first
 STRATEGIES = ("greedy", "paper", "replicate-only")  # rq_tool.plan.STRATEGIES
 EXPORT_ENGINES = ("sglang", "vllm")  # rq_tool.export.ENGINES

@@ -96,7 +96,7 @@ def score_original(path, heldout: HeldOut, *, batch_size: int = defaults.BATCH_S
     path, model, family = _open_original(path)
     layout = _layout(path)
     m = measure(model, family, heldout.domains, batch_size=batch_size, policy=policy, progress=progress, desc=name)
-    slot_bytes = [torch.full((len(p),), layout.expert_bytes(layout.source_scheme), dtype=torch.int64)
+    slot_bytes = [torch.full((len(p),), layout.expert_bytes(layout.keep_scheme), dtype=torch.int64)
                   for p in m.phy2log]
     return Scored(name, str(path), m, header_expert_bytes(path), slot_bytes, plan_load, dict(info or {}))
 

@@ -95,7 +95,7 @@ def layer_scheme_bytes(source: ExportSource, model, schemes):
     layout = read_layout(ckpt, family)
     if list(layout.layers) != list(source.layers):
         raise RQError(f"{src} has MoE layers {list(layout.layers)}, the profile {list(source.layers)}")
-    names = [layout.source_scheme, *[s for s in schemes if s != layout.source_scheme]]
+    names = [layout.keep_scheme, *[s for s in schemes if s != layout.keep_scheme]]
     nbytes = torch.tensor([layout.num_experts * layout.expert_bytes(s) for s in names], dtype=torch.int64)
     return nbytes, names, serving_names(ckpt, family)
 

@@ -11,6 +11,9 @@ Stored layouts (version 1 of the rq slot format; the runtime and kernels read ex
 - ``nf4`` (bitsandbytes NormalFloat4, blocksize 64, no double quantization): ``{"q": uint8
   [out * in / 2], "absmax": fp32 [out * in / 64]}``, bitsandbytes' packed order (row-major,
   high nibble first).
+- ``fp8`` (block FP8, the format DeepSeek-V3 / Qwen3-FP8 / GLM-4.5-FP8 ship): ``{"q": float8_e4m3fn
+  [out, in], "scale_inv": fp32 [ceil(out/128), ceil(in/128)]}`` with ``W = q * scale_inv`` of its
+  128 x 128 block (partial edge blocks). An FP8 source's experts are kept in it byte for byte.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from .. import defaults
 from ..errors import RQError
 
 NF4_BLOCKSIZE = 64
+FP8_BLOCK = (128, 128)  # the fp8 slot scheme's weight block (rows, columns)
 
 
 @functools.lru_cache(maxsize=1)
@@ -194,6 +198,27 @@ def _nf4_dequantize(st, shape, dtype):
     return nf4_dequantize(st["q"], st["absmax"], shape, dtype)
 
 
+def _fp8_nbytes(o: int, i: int) -> int:
+    return o * i + 4 * (-(-o // FP8_BLOCK[0])) * (-(-i // FP8_BLOCK[1]))
+
+
+def _fp8_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    from .sources import fp8_quantize
+
+    q, scale_inv = fp8_quantize(w.detach(), FP8_BLOCK)
+    return {"q": q, "scale_inv": scale_inv.float()}
+
+
+def _fp8_dequantize(st, shape, dtype):
+    # q [..., out, in] and scale_inv [..., ceil(out/128), ceil(in/128)]: one matrix or a stack
+    from .sources import FP8_DTYPE, fp8_dequantize
+
+    q = st["q"]
+    if q.dtype != FP8_DTYPE:  # cast by a module.to(dtype): every e4m3 value is exact in bf16 / fp16 / fp32
+        q = q.float().to(FP8_DTYPE)
+    return fp8_dequantize(q, st["scale_inv"], FP8_BLOCK, dtype).reshape(shape)
+
+
 SCHEMES: dict[str, Scheme] = {
     "fp32": _float_scheme("fp32", torch.float32),
     "bf16": _float_scheme("bf16", torch.bfloat16),
@@ -202,6 +227,7 @@ SCHEMES: dict[str, Scheme] = {
     "nf4": Scheme(
         "nf4", 4, False, lambda o, i: (o * i) // 2 + 4 * ((o * i) // NF4_BLOCKSIZE), _nf4_quantize, _nf4_dequantize
     ),
+    "fp8": Scheme("fp8", 8, False, _fp8_nbytes, _fp8_quantize, _fp8_dequantize),
 }
 
 # Schemes rq offers for quantizing experts (the planner's cheaper options), most precise first.

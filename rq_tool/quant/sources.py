@@ -21,11 +21,16 @@ compressed-tensors, ...) are refused with one clear error.
 
 What a rewrite writes back (``rq rewrite`` of an fp8 / mxfp4 source):
 
-- routed experts: rq slots only -- the dequantized expert in the model's compute dtype (the
-  ``source_scheme``, e.g. bf16), int8 or nf4. No fp8 / mxfp4 slots: an expert is never written
-  back in its source format, so the budget (1.0x = the experts' bytes *as stored*, weights +
-  scales) needs quantized slots to fit; a budget below what nf4 needs is refused with the factor
-  that fits (MXFP4's 4.25 bits are below nf4 + fp32 absmax: ``--budget 1.5`` or so);
+- routed experts of a block-FP8 source with 128 x 128 blocks, per-expert nn.Linear tensors and I
+  a multiple of 128 (DeepSeek-V3/R1, Kimi-K2, Qwen3-*-FP8, GLM-4.5-FP8 all are): kept as rq ``fp8``
+  slots, the float8 bytes as stored and the block scales as fp32 (exact: the same dequantized
+  numbers), replicas included; the planner's cheaper option is nf4 (int8 stores no fewer bytes
+  than fp8). ``rq_tool.rewrite.layout.fp8_keepable`` says why another FP8 source is not kept;
+- routed experts of any other quantized source (MXFP4, other FP8 block sizes): rq slots in the
+  dequantized compute dtype (the ``source_scheme``, e.g. bf16), int8 or nf4, so the budget (1.0x =
+  the experts' bytes *as stored*, weights + scales) needs quantized slots to fit; a budget below
+  what nf4 needs is refused with the factor that fits (MXFP4's 4.25 bits are below nf4 + fp32
+  absmax: ``--budget 1.5`` or so);
 - every other tensor (attention, dense / shared MLPs, embeddings, norms, routers): byte for byte
   as stored, an fp8 weight with its ``weight_scale_inv``; the source's ``quantization_config``
   moves to ``config.json``'s ``rq.source_quantization`` and ``rq_tool.load`` dequantizes those
@@ -202,7 +207,8 @@ def _fp8_to_float(q: torch.Tensor) -> torch.Tensor:
     return _fp8_table().index_select(0, idx).view(q.shape)
 
 
-def _scale_float(scale: torch.Tensor) -> torch.Tensor:
+def fp8_scale_float(scale: torch.Tensor) -> torch.Tensor:
+    """A block-scale grid as fp32, exactly: fp32 / bf16 / fp16 values, or E8M0 exponents (uint8)."""
     if scale.dtype == torch.uint8:  # E8M0 exponents (scale_fmt "ue8m0" stored as bytes)
         return (scale.to(torch.float32) - 127.0).exp2()
     return scale.to(torch.float32)
@@ -217,7 +223,7 @@ def fp8_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     scales: whole row blocks at a time (about ``defaults.CHUNK_VALUES`` values), each written into
     the output (3-5x faster than whole-matrix temporaries on a 7168 x 2048 expert).
     """
-    s = _scale_float(scale_inv)
+    s = fp8_scale_float(scale_inv)
     if block is None or s.numel() == 1:
         return (_fp8_to_float(q) * s.reshape(())).to(dtype)
     bm, bn = block

@@ -53,10 +53,15 @@ class LayerAssembler:
             self.per_expert.setdefault(ek.role, {})[ek.expert] = self._canonical(ek.role, tensor)
 
     def _canonical(self, role: str, tensor):
-        """The family's canonical view of a per-expert tensor (lazy when ``tensor`` is)."""
+        """The family's canonical view of a per-expert tensor (lazy when ``tensor`` is; a lazy value
+        is handed on as it is where the family's view is the identity, e.g. a quantized source's
+        ``StoredExpert`` keeps its stored parts)."""
         canon = self.family.canonical_expert_tensor
         if isinstance(tensor, torch.Tensor):
             return canon(role, tensor)
+        probe = torch.empty(2, 3, device="meta")
+        if canon(role, probe) is probe:
+            return tensor
         return lambda: canon(role, resolve(tensor))
 
     def check(self) -> None:

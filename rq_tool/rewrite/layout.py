@@ -27,12 +27,23 @@ class ExpertLayout:
     block_prefix: dict[int, str]  # layer -> on-disk block prefix, e.g. "model.layers.3.mlp"
     stored_bytes: dict[int, int] | None = None  # layer -> bytes of its routed experts as stored on disk
     source_quant: str = "none"  # none | fp8 | mxfp4: how the source stores its tensors
+    fp8_kept: bool = False  # a block-FP8 source whose experts rq keeps byte for byte as fp8 slots (``fp8_keepable``)
+
+    @property
+    def keep_scheme(self) -> str:
+        """The slot scheme that keeps an expert exactly as the source has it (zero error): ``fp8``
+        for a kept FP8 source, else ``source_scheme`` (for an MXFP4 source: dequantized)."""
+        return "fp8" if self.fp8_kept else self.source_scheme
 
     def layer_source_bytes(self, layer: int) -> int:
         """The original expert memory of a layer (the budget's 1.0x): the bytes as stored, which for a
-        quantized source (FP8 / MXFP4 weights + scales) is less than its experts kept as ``source_scheme``."""
+        quantized source (FP8 / MXFP4 weights + scales) is less than its experts kept as ``source_scheme``.
+        A kept FP8 source counts at least its experts as fp8 slots (fp32 scales: a source storing bf16
+        or E8M0 scales is 0.01-0.02% smaller), so the original layout always fits 1.0x."""
         if self.stored_bytes is None:
             return self.num_experts * self.expert_bytes(self.source_scheme)
+        if self.fp8_kept:
+            return max(self.stored_bytes[layer], self.num_experts * self.expert_bytes("fp8"))
         return self.stored_bytes[layer]
 
     def expert_bytes(self, scheme: str) -> int:
@@ -94,7 +105,34 @@ def read_layout(ckpt: SourceCheckpoint, family: MoEFamily) -> ExpertLayout:
                    for r in p["roles"])
     return ExpertLayout(tuple(sorted(per_layer)), E, int(H), int(two_i) // 2,
                         scheme_for_dtype(DTYPES[next(iter(dtypes))][0]), has_bias, prefixes, dict(stored_bytes),
-                        ckpt.quant.name)
+                        ckpt.quant.name, fp8_keepable(ckpt, family, int(two_i) // 2) is None)
+
+
+def fp8_keepable(ckpt: SourceCheckpoint, family: MoEFamily, inter: int) -> str | None:
+    """None when the source's routed experts can be kept byte for byte as rq ``fp8`` slots, else why not.
+
+    That needs block FP8 with rq's 128 x 128 blocks, every expert weight in float8, per-expert
+    tensors in nn.Linear layout (no fused or transposed storage), and I a multiple of 128 so a
+    slot's gate and up halves stack into whole blocks.
+    """
+    from ..quant.schemes import FP8_BLOCK
+
+    if ckpt.quant.method != "fp8":
+        return f"the source is not block-FP8 ({ckpt.quant.name})"
+    if ckpt.quant.block != FP8_BLOCK:
+        return f"weight_block_size {list(ckpt.quant.block) if ckpt.quant.block else 'per-tensor'}, not {list(FP8_BLOCK)}"
+    if inter % FP8_BLOCK[0]:
+        return f"moe intermediate size {inter} is not a multiple of {FP8_BLOCK[0]}"
+    probe = torch.empty(2, 3, device="meta")
+    for key, info in ckpt.tensors.items():
+        ek = family.parse_expert_key(key)
+        if ek is None or ek.role.endswith("_bias"):
+            continue
+        if ek.expert is None or family.canonical_expert_tensor(ek.role, probe) is not probe:
+            return "experts are stored fused or transposed"
+        if info.stored.method != "fp8":
+            return f"{key} is not stored in float8"
+    return None
 
 
 def _meta(shape):
@@ -108,7 +146,7 @@ def _meta(shape):
 # from a matching record without building the family's model (the imports of transformers' modeling
 # code are most of a dry-run's time); a stale or missing record means the full path. Writing a model
 # always reads the layout from the family and the headers.
-_RECORD_VERSION = 1
+_RECORD_VERSION = 2  # 2: + fp8_kept
 
 
 def layout_key(ckpt: SourceCheckpoint, config_dict: dict) -> dict:
@@ -131,7 +169,7 @@ def layout_record(layout: ExpertLayout, activation: str, key: dict) -> dict:
             "source_scheme": layout.source_scheme, "has_bias": layout.has_bias,
             "block_prefix": {str(k): v for k, v in layout.block_prefix.items()},
             "stored_bytes": None if layout.stored_bytes is None else {str(k): v for k, v in layout.stored_bytes.items()},
-            "source_quant": layout.source_quant, "activation": activation}
+            "source_quant": layout.source_quant, "fp8_kept": layout.fp8_kept, "activation": activation}
 
 
 def recorded_layout(record, key: dict, where: str) -> tuple[ExpertLayout, str] | None:
@@ -151,9 +189,10 @@ def recorded_layout(record, key: dict, where: str) -> tuple[ExpertLayout, str] |
     scheme, quant, act = (v.check_str(v.get(rec, k, where, at), where, f"{at}.{k}", 256)
                           for k in ("source_scheme", "source_quant", "activation"))
     get_scheme(scheme)  # a known scheme name
-    has_bias = v.get(rec, "has_bias", where, at)
-    if not isinstance(has_bias, bool):
-        raise RQError(f"{where}: {at}.has_bias must be true or false")
+    has_bias, fp8_kept = v.get(rec, "has_bias", where, at), v.get(rec, "fp8_kept", where, at)
+    for name, flag in (("has_bias", has_bias), ("fp8_kept", fp8_kept)):
+        if not isinstance(flag, bool):
+            raise RQError(f"{where}: {at}.{name} must be true or false")
 
     def per_layer(name, check):
         d = v.check_dict(v.get(rec, name, where, at), where, f"{at}.{name}")
@@ -165,7 +204,7 @@ def recorded_layout(record, key: dict, where: str) -> tuple[ExpertLayout, str] |
     stored = None if rec.get("stored_bytes") is None else per_layer("stored_bytes", v.check_int)
     if not layers:
         raise RQError(f"{where}: {at}.layers is empty")
-    return ExpertLayout(tuple(sorted(layers)), E, H, I, scheme, has_bias, prefix, stored, quant), act
+    return ExpertLayout(tuple(sorted(layers)), E, H, I, scheme, has_bias, prefix, stored, quant, fp8_kept), act
 
 
 def source_layout_record(path, family: MoEFamily, activation: str) -> dict | None:

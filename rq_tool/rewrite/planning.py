@@ -1,7 +1,8 @@
 """From a profile and a checkpoint's expert layout to planner inputs, and the plan itself.
 
 The planner is pure (``rq_tool.plan``); this module only builds its tensors:
-``load [L, E]``, ``error [L, E, S]`` (scheme 0 = the source scheme, zero error),
+``load [L, E]``, ``error [L, E, S]`` (scheme 0 = the scheme that keeps an expert as the source has
+it, zero error: ``ExpertLayout.keep_scheme``; the others only where they store fewer bytes),
 ``scheme_bytes [S]`` (exact bytes of one expert per scheme) and the budget in bytes.
 """
 
@@ -31,11 +32,13 @@ def plan_inputs(profile: Profile, layout: ExpertLayout, schemes, importance: str
         raise RQError(f"profile has MoE layers {prof_layers} but the model has {list(layout.layers)}")
     if profile.num_experts != layout.num_experts:
         raise RQError(f"profile has {profile.num_experts} experts per layer, the model {layout.num_experts}")
-    schemes = [s for s in schemes if s != layout.source_scheme]
+    keep = layout.keep_scheme
+    # a "cheaper" scheme must store fewer bytes than keeping the expert (int8 does not, beside fp8)
+    schemes = [s for s in schemes if s != keep and layout.expert_bytes(s) < layout.expert_bytes(keep)]
     if not schemes:
-        raise RQError(f"--schemes: no scheme other than the model's own {layout.source_scheme} to quantize to "
+        raise RQError(f"--schemes: no scheme smaller than the model's own {keep} experts to quantize to "
                       "(give e.g. int8,nf4)")
-    names = [layout.source_scheme, *schemes]
+    names = [keep, *schemes]
     load = profile.load_matrix().double()
     L, E = load.shape
     if importance == "quant_error":
@@ -125,7 +128,7 @@ def _build_ep_plan(profile, layout, load, error, names, scheme_bytes, budget_byt
 def _check_quantized_source_budget(layout: ExpertLayout, budget_bytes, scheme_bytes, names, global_budget) -> None:
     """A quantized source (FP8 / MXFP4) is measured as stored, but rq writes bf16 / int8 / nf4 slots:
     a budget too small for its experts in the cheapest of those gets the factor that would fit."""
-    if layout.source_quant == "none":
+    if layout.source_quant == "none" or layout.fp8_kept:
         return
     cheapest = int(torch.argmin(scheme_bytes))
     need = layout.num_experts * int(scheme_bytes[cheapest])
@@ -134,6 +137,8 @@ def _check_quantized_source_budget(layout: ExpertLayout, budget_bytes, scheme_by
     if min(have) >= per:
         return
     factor = max(need / layout.layer_source_bytes(layer) for layer in layout.layers)
-    raise RQError(f"the source stores its experts in {layout.source_quant} and rq writes no {layout.source_quant} "
-                  f"slots: even {names[cheapest]} needs {factor:.2f}x the stored expert bytes",
+    what = ("rq writes no mxfp4 slots" if layout.source_quant == "mxfp4" else
+            "rq keeps fp8 experts as slots only with 128 x 128 blocks, per-expert nn.Linear tensors and I a multiple of 128")
+    raise RQError(f"the source stores its experts in {layout.source_quant} and {what}: even {names[cheapest]} needs "
+                  f"{factor:.2f}x the stored expert bytes",
                   hint=f"use --budget {math.ceil(factor * 100) / 100:.2f} or more")

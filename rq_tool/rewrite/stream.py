@@ -9,7 +9,8 @@ expert intermediate size.
    list of output tensors (key, dtype, shape), so ``ShardWriter`` writes each header first and
    hashes while it writes.
 2. ``write_steps``: the same steps with data. A slot kept in the source scheme is written straight
-   from the source's memory-mapped tensors (no stacking, no copy); a quantized (or converted) slot
+   from the source's memory-mapped tensors (no stacking, no copy), and so is an FP8 source's expert
+   kept as an ``fp8`` slot (its float8 bytes; its block scales as fp32); a quantized (or converted) slot
    matrix, and a quantized source's expert (dequantized on demand), is a callable that the writer
    runs on its worker pool a few chunks ahead of the write (replicas of an expert in one scheme
    share one result). The writer thread writes and a hash thread hashes while the caller reads on:
@@ -136,13 +137,29 @@ def write_steps(steps: list[Step], expected, ckpt: SourceCheckpoint, family, lay
             elif step.kind == "expert":
                 st = ckpt.tensors[step.key].stored
                 parts = {role: rd.stored(k) for role, k in st.parts.items()}  # memory-mapped views
-                value = parts["w"] if st.method is None else (lambda st=st, parts=parts: quant.dequantize(st, parts))
+                value = parts["w"] if st.method is None else StoredExpert(quant, st, parts)
                 assemblers[step.layer].add(step.key, family.parse_expert_key(step.key), value)
                 if bar is not None:
                     bar.update(len(parts))
             else:
                 asm = assemblers.pop(step.layer)
                 write_layer(writer, _slot_prefix(family, layout, step.layer), rmap.layer(step.layer), layout, asm)
+
+
+class StoredExpert:
+    """A quantized source's expert tensor: its stored parts (memory-mapped), dequantized when called."""
+
+    def __init__(self, quant, st, parts: dict[str, torch.Tensor]):
+        self.quant, self.st, self.parts = quant, st, parts
+
+    def __call__(self) -> torch.Tensor:
+        return self.quant.dequantize(self.st, self.parts)
+
+
+def _fp8_scale(row: StoredExpert) -> torch.Tensor:
+    from ..quant.sources import fp8_scale_float
+
+    return fp8_scale_float(row.parts["scale_inv"])
 
 
 def _cat(rows) -> torch.Tensor:
@@ -186,6 +203,12 @@ def write_layer(writer: ShardWriter, prefix: str, lmap: LayerMap, layout: Expert
         if kind == "float" and scheme == layout.source_scheme:  # the source's own bytes, slot by slot
             for mat in ("gate_up", "down"):
                 writer.add(f"{prefix}{scheme}_{mat}", [_lazy(r) for e in ids for r in experts[e][mat]])
+            continue
+        if scheme == "fp8" and layout.fp8_kept:  # an FP8 source's own float8 bytes; its block scales as fp32
+            for mat in ("gate_up", "down"):
+                writer.add(f"{prefix}fp8_{mat}", [r.parts["q"] for e in ids for r in experts[e][mat]])
+                writer.add(f"{prefix}fp8_{mat}_scale_inv",
+                           [lambda r=r: _fp8_scale(r) for e in ids for r in experts[e][mat]])
             continue
         uses = {e: ids.count(e) for e in dict.fromkeys(ids)}
         sch = get_scheme(scheme)  # quantize() -> {"w"} (float) or {"q", "scale" | "absmax"}

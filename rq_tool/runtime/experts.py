@@ -13,6 +13,8 @@ State-dict keys (slot format v1, one group per scheme present in the layer, see
                                                nf4 packed uint8 [n, 2I*H/2] / [n, H*I/2]
     {scheme}_gate_up_scale, {scheme}_down_scale   int8 row scales fp32 [n, 2I] / [n, H]
     {scheme}_gate_up_absmax, {scheme}_down_absmax nf4 block absmax fp32 [n, 2I*H/64] / [n, H*I/64]
+    {scheme}_gate_up_scale_inv, ..._down_scale_inv  fp8 (float8_e4m3fn slots) 128x128 block scales fp32
+                                               [n, ceil(2I/128), ceil(H/128)] / [n, ceil(H/128), ceil(I/128)]
     gate_up_bias [P, 2I], down_bias [P, H]     families with expert biases (gpt-oss)
 
 Per-slot load counting (``count_load = True``) adds each batch's slot counts to ``slot_load``;
@@ -44,12 +46,14 @@ from ..kernels.slots import group_shapes as slot_tensor_shapes
 from .routing_map import LayerMap
 
 def slot_tensor_dtype(scheme: str, name: str, compute_dtype: torch.dtype) -> torch.dtype:
-    if name.endswith(("_scale", "_absmax")):
+    if name.endswith(("_scale", "_absmax", "_scale_inv")):
         return torch.float32
     if scheme == "int8":
         return torch.int8
     if scheme == "nf4":
         return torch.uint8
+    if scheme == "fp8":
+        return torch.float8_e4m3fn
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[scheme]
 
 

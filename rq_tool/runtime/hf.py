@@ -132,7 +132,8 @@ def _load_weights(model, path: Path, compute_dtype: torch.dtype, shards: list[Pa
                     if rows and key in rows and key not in expected and rows[key].numel() == 0:
                         continue  # a slot group held by other expert-parallel ranks only
                     t = f.get_tensor(key) if not rows or key not in rows else _read_rows(f, key, rows[key])
-                    if quant is not None and quant.method == "fp8":
+                    slot8 = key in expected and expected[key].element_size() == 1 and expected[key].is_floating_point()
+                    if quant is not None and quant.method == "fp8" and not slot8:  # rq's fp8 slots load as stored
                         key, t = _fp8_pair(key, t, pending, quant, compute_dtype)
                         if t is None:
                             continue
@@ -142,8 +143,8 @@ def _load_weights(model, path: Path, compute_dtype: torch.dtype, shards: list[Pa
                     if tuple(t.shape) != tuple(ref.shape):
                         raise RQError(f"{shard.name}: {key} has shape {tuple(t.shape)}, the model expects "
                                       f"{tuple(ref.shape)}")
-                    if t.is_floating_point() and not key.endswith(("_scale", "_absmax")):
-                        t = t.to(compute_dtype)
+                    if t.is_floating_point() and t.element_size() > 1 and not key.endswith(_SCALES):
+                        t = t.to(compute_dtype)  # float8 slots and every scale stay as stored
                     elif not t.is_floating_point() and t.data_ptr() % 64:
                         t = t.clone()  # safetensors may hand out unaligned int8 data; CPU int8 kernels need it aligned
                     chunk[key] = t
@@ -161,6 +162,9 @@ def _load_weights(model, path: Path, compute_dtype: torch.dtype, shards: list[Pa
         missing -= {k for k in missing if k.startswith("lm_head.")}
     if missing:
         raise RQError(f"{path}: tensors missing from the checkpoint: {sorted(missing)[:3]}")
+
+
+_SCALES = ("_scale", "_absmax", "_scale_inv")  # slot scale tensors (fp32, kept as stored)
 
 
 def _fp8_pair(key: str, t: torch.Tensor, pending: dict, quant, dtype: torch.dtype):

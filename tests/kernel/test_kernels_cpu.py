@@ -34,9 +34,9 @@ def _case(T, E, H, I, mix, dtype, seed=0, K=2):
 
 @pytest.mark.parametrize("T", [1, 8, 200])  # decode sizes take _weight_int8pack_mm, 200 the cast path
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_int8_and_nf4_slots_match_reference(T, dtype):
+def test_int8_nf4_fp8_slots_match_reference(T, dtype):
     float_scheme = "bf16" if dtype == torch.bfloat16 else "fp32"
-    x, wts, d, w, _ = _case(T, 8, 64, 32, (float_scheme, "int8", "nf4"), dtype, seed=T)
+    x, wts, d, w, _ = _case(T, 8, 64, 32, (float_scheme, "int8", "nf4", "fp8"), dtype, seed=T)
     tol = BF16_TOL if dtype == torch.bfloat16 else FP32_TOL
     torch.testing.assert_close(moe_experts_cpu(x, wts, d.phy_ids, w), moe_experts_reference(x, wts, d, w), **tol)
 
@@ -57,7 +57,7 @@ def test_misaligned_int8_weights_fall_back_safely():
 
 
 def test_dequant_cache_same_numbers_and_counts_its_bytes():
-    x, wts, d, w, _ = _case(3, 8, 64, 32, ("fp32", "int8", "nf4"), torch.float32, seed=3, K=1)
+    x, wts, d, w, _ = _case(3, 8, 64, 32, ("fp32", "int8", "nf4", "fp8"), torch.float32, seed=3, K=1)
     cache = DequantCache()
     y = moe_experts_cpu(x, wts, d.phy_ids, w, cache)
     torch.testing.assert_close(y, moe_experts_cpu(x, wts, d.phy_ids, w), **FP32_TOL)

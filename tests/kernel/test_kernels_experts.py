@@ -41,6 +41,7 @@ MIXES = {
     "float": ("fp32",),
     "float+int8": ("fp32", "int8"),
     "float+int8+nf4": ("fp32", "int8", "nf4"),
+    "float+fp8+nf4": ("fp32", "fp8", "nf4"),
 }
 
 
@@ -146,7 +147,7 @@ def test_hand_made_values(impl):
 
 
 def test_quantized_slots_keep_signal():
-    """Output SQNR above a floor per scheme, and int8 (more bits) beats nf4."""
+    """Output SQNR above a floor per scheme, and int8 / fp8 (more bits) beat nf4."""
     x, tw, d, _, (gu, dn, _, act, _, _) = make_case(512, 16, 2, seed=2)
     P = d.slot_counts.numel()
 
@@ -154,8 +155,9 @@ def test_quantized_slots_keep_signal():
         return moe_experts_reference(x, tw, d, SlotWeights.from_dense(gu, dn, [scheme] * P, act))
 
     exact = out("fp32")
-    sqnr = {s: 10 * math.log10(exact.pow(2).sum() / (out(s) - exact).pow(2).sum()) for s in ("int8", "nf4")}
+    sqnr = {s: 10 * math.log10(exact.pow(2).sum() / (out(s) - exact).pow(2).sum()) for s in ("int8", "nf4", "fp8")}
     assert sqnr["int8"] > 30.0 and sqnr["nf4"] > 12.0 and sqnr["int8"] > sqnr["nf4"] + 10.0, sqnr
+    assert sqnr["fp8"] > 25.0 and sqnr["fp8"] > sqnr["nf4"] + 5.0, sqnr
 
 
 # Interpreted subset (see module docstring): (T, E, K, dtype, mix, act, bias, block_size)
@@ -168,6 +170,8 @@ KERNEL_CASES = [
     (33, 8, 2, torch.float32, "float+int8", "gptoss:1.702:7.0", True, 16),
     (33, 8, 2, torch.bfloat16, "float+int8", "glu:relu", True, 16),
     (33, 128, 8, torch.float32, "float+int8+nf4", "glu:silu", False, 16),
+    (33, 16, 2, torch.float32, "float+fp8+nf4", "glu:silu", False, 16),
+    (33, 8, 2, torch.bfloat16, "float+fp8+nf4", "gptoss:1.702:7.0", True, 16),
     (4096, 8, 2, torch.float32, "float+int8+nf4", "glu:silu", False, 256),
 ]
 

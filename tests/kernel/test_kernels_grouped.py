@@ -14,7 +14,7 @@ BF16_TOL = dict(rtol=2e-2, atol=3e-2)
 
 @pytest.mark.parametrize("T,E,K,H,I", [(0, 8, 2, 32, 16), (1, 8, 1, 32, 16), (33, 16, 2, 64, 32),
                                        (257, 64, 8, 48, 40), (100, 8, 2, 40, 24)])
-@pytest.mark.parametrize("mix", [("fp32",), ("fp32", "int8"), ("fp32", "int8", "nf4"), ("bf16",)])
+@pytest.mark.parametrize("mix", [("fp32",), ("fp32", "int8"), ("fp32", "int8", "nf4"), ("bf16",), ("fp32", "fp8")])
 @pytest.mark.parametrize("act", ["glu:silu", "gptoss:1.702:7.0"])
 def test_grouped_equals_reference(T, E, K, H, I, mix, act):
     g = torch.Generator().manual_seed(T * 7 + E)

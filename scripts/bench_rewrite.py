@@ -39,8 +39,8 @@ peak RSS across sizes means the rewrite holds about one layer plus the source sh
 the model: output tensors are streamed to disk as they are made (rq_tool/rewrite/shards.py ShardWriter).
 
 Every child imports ``rq_tool`` from one tree and nothing else of it: this script's own tree, or DIR for
-``--baseline DIR`` rows. Only TREE/rq_tool is put on its path (a symlink in a temporary directory, ahead
-of any installed rq_tool), it runs with PYTHONSAFEPATH=1 from that directory, so no tree's root
+``--baseline DIR`` rows. Only TREE/rq_tool is put on its path (``bench_startup.prepare``: its entries
+and TREE/kernels as ``rq_tool.kernels`` linked in a temporary directory, ahead of any installed rq_tool), it runs with PYTHONSAFEPATH=1 from that directory, so no tree's root
 ``kernels/`` folder shadows PyPI's ``kernels`` package (which transformers imports); every child reports
 the ``rq_tool`` it imported and the bench checks it. A snapshot (``git archive HEAD``) thus benches itself.
 
@@ -63,6 +63,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_startup import prepare  # noqa: E402  (this directory: run as a script)
 from safetensors.torch import save_file
 
 MB = 1024**2
@@ -97,8 +98,12 @@ elif mode == "import":
     time.sleep(0.05)
     t0 = time.perf_counter()
 else:
-    import rq_tool.rewrite.writer
+    import rq_tool.rewrite.writer, rq_tool.kernels.slots
     rq_file = rq_tool.__file__
+    def tree(f):
+        return os.path.dirname(os.path.dirname(os.path.realpath(f)))
+    if tree(rq_tool.kernels.slots.__file__) != tree(rq_file):
+        raise SystemExit(f"rq_tool.kernels from {rq_tool.kernels.slots.__file__}, another tree than {rq_file}")
     w = sys.modules["rq_tool.rewrite.writer"]  # (rq_tool.rewrite is the function)
     stream = w._stream
     def _stream(*a, **k):  # start-up ends where the first tensor is streamed
@@ -243,9 +248,10 @@ def run_child(mode: str, src: Path, profile: Path, out: Path, shard_bytes: int, 
     want = Path(__file__).resolve().parents[1] / "rq_tool"  # this tree's, unless the baseline's
     if mode.endswith("@baseline"):
         mode, want = mode.split("@")[0], Path(baseline) / "rq_tool"
-    with tempfile.TemporaryDirectory(prefix="rq-bench-path-") as path_dir:
-        # only that tree's rq_tool on the path, ahead of an installed one: see the module docstring
-        (Path(path_dir) / "rq_tool").symlink_to(want)
+    with tempfile.TemporaryDirectory(prefix="rq-bench-path-") as scratch:
+        # only that tree's rq_tool (its kernels/ as rq_tool.kernels too) on the path, ahead of an
+        # installed one: see the module docstring
+        path_dir = str(prepare(want.parent, Path(scratch)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (path_dir, env.get("PYTHONPATH")) if p)
         p = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(profile), str(out), str(shard_bytes)],
                              stdout=subprocess.PIPE, text=True, env=env, cwd=path_dir)

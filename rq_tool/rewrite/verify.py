@@ -12,23 +12,27 @@ from ..errors import RQError, check_format
 from ..runtime import integrity
 from ..runtime.model_dir import read_rq_model
 from ..validate import check_dict, check_int, check_str, get, read
-from .shards import sha256_file
+from .shards import HASHES, hash_file
 
 
-def read_manifest(out: Path) -> dict[str, dict]:
-    """``{relative name: {"sha256", "bytes"}}`` of ``out``'s manifest, validated (names stay inside ``out``)."""
+def read_manifest(out: Path) -> tuple[str, dict[str, dict]]:
+    """``(hash name, {relative name: {hash name: hex, "bytes"}})`` of ``out``'s manifest, validated
+    (names stay inside ``out``). v1 manifests hash with sha256, v2 name their hash (``"hash"``)."""
     from ..checkpoint import inside
 
     mpath = out / defaults.MANIFEST_FILE
     where = str(mpath)
     manifest = read(mpath, f"{out} has no {defaults.MANIFEST_FILE}; not a complete rq output")
-    check_format(manifest, defaults.MANIFEST_FORMAT, "manifest", where)
+    version = check_format(manifest, defaults.MANIFEST_FORMAT, "manifest", where, defaults.MANIFEST_READABLE)
+    algo = "sha256" if version == 1 else check_str(get(manifest, "hash", where), where, "hash", 32)
+    if algo not in HASHES:
+        raise RQError(f"{where}: unknown file hash {algo!r} (rq knows {', '.join(HASHES)})")
     files = check_dict(get(manifest, "files", where), where, "files")
     for name, entry in files.items():
         inside(out, name, where)
-        check_str(get(entry, "sha256", where, f"files[{name!r}]"), where, f"files[{name!r}].sha256", 64)
+        check_str(get(entry, algo, where, f"files[{name!r}]"), where, f"files[{name!r}].{algo}", 64)
         check_int(get(entry, "bytes", where, f"files[{name!r}]"), where, f"files[{name!r}].bytes")
-    return files
+    return algo, files
 
 
 def verify(out) -> list[str]:
@@ -36,7 +40,7 @@ def verify(out) -> list[str]:
     out = Path(out)
     if not out.is_dir():
         raise RQError(f"{out} is not a directory")
-    files = read_manifest(out)
+    algo, files = read_manifest(out)
     problems: list[str] = []
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != defaults.MANIFEST_FILE}
     for name in sorted(set(files) - on_disk):
@@ -45,8 +49,8 @@ def verify(out) -> list[str]:
         problems.append(f"{name}: not in the manifest")
     for name in sorted(set(files) & on_disk):
         p = out / name
-        if p.stat().st_size != files[name]["bytes"] or sha256_file(p) != files[name]["sha256"]:
-            problems.append(f"{name}: sha256 differs from the manifest")
+        if p.stat().st_size != files[name]["bytes"] or hash_file(p, algo) != files[name][algo]:
+            problems.append(f"{name}: {algo} differs from the manifest")
     if problems:
         return problems
     try:

@@ -147,7 +147,7 @@ def routing_map_from_plan(plan, layout: ExpertLayout, activation: str) -> Routin
 
 def _stream(ckpt: SourceCheckpoint, family, layout: ExpertLayout, rmap: RoutingMap, tmp: Path,
             shard_bytes: int, progress: bool, workers: int) -> dict[str, str]:
-    """Write every tensor into ``tmp`` (see ``stream.py``); returns the shards' sha256 by file name."""
+    """Write every tensor into ``tmp`` (see ``stream.py``); returns the shards' hashes by file name."""
     steps, expected = plan_steps(ckpt, family, layout)
     entries = output_entries(steps, expected, ckpt, family, layout, rmap)
     bar = tqdm(total=len(ckpt.stored), desc="rewriting", unit="tensor", disable=not progress, leave=False)
@@ -157,7 +157,7 @@ def _stream(ckpt: SourceCheckpoint, family, layout: ExpertLayout, rmap: RoutingM
             writer.finish()
     finally:
         bar.close()  # also on errors: the error line must not follow a half-drawn progress bar
-    return writer.sha256
+    return writer.digests
 
 
 @contextlib.contextmanager

@@ -21,12 +21,13 @@ import torch
 from safetensors import safe_open
 
 from .. import defaults
+from ..checkpoint import DTYPES
 from ..calibrate.profile import Profile
 from ..errors import RQError, read_json
 from ..eval.ep import place_in_share
 from .routing_map import RoutingMap
 
-_EXPERT_KEY = re.compile(r"layers\.(\d+)\..*experts\.([a-z0-9]+)_(?:gate_up|down)(?:_scale|_absmax)?$")
+_EXPERT_KEY = re.compile(r"layers\.(\d+)\..*experts\.([a-z0-9]+)_(?:gate_up|down)(?:_scale_inv|_scale|_absmax)?$")
 _BIAS_KEY = re.compile(r"layers\.(\d+)\..*experts\.(?:gate_up|down)_bias$")
 
 
@@ -54,7 +55,7 @@ def slot_bytes_of(path: Path, rmap: RoutingMap) -> list[torch.Tensor]:
                 if not (m or b):
                     continue
                 sl = f.get_slice(key)
-                n = torch.Size(sl.get_shape()).numel() * torch.empty(0, dtype=_dtype(sl.get_dtype())).element_size()
+                n = torch.Size(sl.get_shape()).numel() * DTYPES[sl.get_dtype()][1]
                 if m:
                     group[(int(m.group(1)), m.group(2))] = group.get((int(m.group(1)), m.group(2)), 0) + n
                 else:
@@ -67,11 +68,6 @@ def slot_bytes_of(path: Path, rmap: RoutingMap) -> list[torch.Tensor]:
         out.append(torch.tensor([group[(lm.layer, s)] // per[s] + bias.get(lm.layer, 0) // lm.num_slots
                                  for s in lm.slot_scheme], dtype=torch.int64))
     return out
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8, "U8": torch.uint8,
-            "I64": torch.int64, "I32": torch.int32}[name]
 
 
 def write_placed_copy(src, out, num_devices: int, split_policy: str = defaults.LOAD_AWARE_POLICY) -> RoutingMap:

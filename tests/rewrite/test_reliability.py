@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import xxhash
 from click.testing import CliRunner
 
 import rq_tool
@@ -64,12 +65,31 @@ def test_verify_passes_on_fresh_output(tiny):
     assert set(manifest(tiny / "out")["files"]) == names  # every file is covered
 
 
+def test_verify_reads_a_v1_sha256_manifest_and_refuses_unknown_hashes(tiny, tmp_path):
+    """Outputs of earlier rq versions (manifest v1, sha256) still verify, a flipped byte included."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny / "out", out)
+    m = manifest(out)
+    m["version"], algo = 1, m.pop("hash")
+    assert algo == "xxh3_128"
+    for name, entry in m["files"].items():
+        entry["sha256"] = hashlib.sha256((out / name).read_bytes()).hexdigest()
+        del entry[algo]
+    (out / defaults.MANIFEST_FILE).write_text(json.dumps(m))
+    assert rq_tool.verify(out) == []
+    assert rq_tool.verify(out) == [] and _flip_byte(out).replace("xxh3_128", "sha256") in rq_tool.verify(out)[0]
+    m.update(version=2, hash="md5")
+    (out / defaults.MANIFEST_FILE).write_text(json.dumps(m))
+    r = CliRunner().invoke(main, ["verify", str(out)])
+    assert r.exit_code == 2 and "unknown file hash 'md5'" in r.output and r.output.count("error:") == 1, r.output
+
+
 def _flip_byte(out):
     shard = out / "model.safetensors"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
-    return "model.safetensors: sha256 differs"
+    return "model.safetensors: xxh3_128 differs"
 
 
 def _delete_file(out):
@@ -86,7 +106,7 @@ def _edit_routing_map(out):
     rmap = json.loads((out / defaults.ROUTING_MAP_FILE).read_text())
     rmap["layers"][0]["slot_scheme"][0] = "nf4" if rmap["layers"][0]["slot_scheme"][0] != "nf4" else "int8"
     (out / defaults.ROUTING_MAP_FILE).write_text(json.dumps(rmap, indent=1) + "\n")
-    return "routing_map.json: sha256 differs"
+    return "routing_map.json: xxh3_128 differs"
 
 
 def _edit_routing_map_and_manifest(out):
@@ -319,11 +339,11 @@ def test_failed_publish_puts_the_old_output_back(tiny, tmp_path):
 def test_streamed_shards_round_trip(tmp_path):
     """ShardWriter writes planned tensors front to back (header first, from its threads): safetensors
     reads every dtype back, data stays aligned (a misaligned start opens a new shard), shards respect
-    ``max_bytes``, chunks form a tensor, and the sha256 it computed while writing is the file's."""
+    ``max_bytes``, chunks form a tensor, and the hash it computed while writing is the file's."""
     import torch
     from safetensors import safe_open
 
-    from rq_tool.rewrite.shards import Entry, ShardWriter, sha256_file
+    from rq_tool.rewrite.shards import Entry, ShardWriter, hash_file
 
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
@@ -336,7 +356,7 @@ def test_streamed_shards_round_trip(tmp_path):
         for k, t in tensors.items():
             w.add(k, [t[:1], lambda t=t: t[1:]] if t.dim() and len(t) > 1 else t)  # chunks, one of them lazy
         weight_map = w.finish()
-    assert w.sha256 == {name: sha256_file(tmp_path / name) for name in set(weight_map.values())}
+    assert w.digests == {name: hash_file(tmp_path / name) for name in set(weight_map.values())}
     assert set(weight_map) == set(tensors) and len(set(weight_map.values())) > 1
     for name in set(weight_map.values()):
         with safe_open(str(tmp_path / name), "pt") as f:
@@ -462,6 +482,6 @@ def test_runtime_code_is_rqs_own_and_hashed(tiny):
     for name, text in files.items():
         code = (out / name).read_bytes()
         assert code == text.encode()
-        assert manifest(out)["files"][name]["sha256"] == hashlib.sha256(code).hexdigest()
+        assert manifest(out)["files"][name]["xxh3_128"] == xxhash.xxh3_128(code).hexdigest()
     auto_map = json.loads((out / "config.json").read_text())["auto_map"]
     assert all(v.startswith("modeling_rq.") for v in auto_map.values())

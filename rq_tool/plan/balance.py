@@ -16,6 +16,9 @@ run with. Candidates (replicas and devices chosen jointly, ``rq_tool.plan.layout
   originals per device; ``packed``: greedy copies + LPT placement under either policy;
   ``tight``: the level fill for few slots per device (at most ``ceil(whole / G)`` unsplit experts
   per device, split experts wrapped McNaughton-style into the slots left; ``fill_layout(tight=)``);
+  ``star``: the tight fill with split experts' remainders best-fit into devices whose last slot they
+  take, so split experts seldom share a device (the load-aware split balances such stars in a few
+  Gauss-Seidel rounds, the tight fill's chains only over many; ``fill_layout(star=)``);
 - ``original``: the layout the deployment would have without rq (standard EP, or the engine's
   identity + round-robin redundancy).
 
@@ -43,7 +46,8 @@ import torch
 from .layout import build_layout, fill_layout
 from .steps import POLICIES, contiguous_layout, sample_steps, spread, step_max_mean
 
-CANDIDATES = ("pinned", "mean", "shrunk", "spread", "packed", "tight")
+CANDIDATES = ("pinned", "mean", "shrunk", "spread", "packed", "tight", "star")
+FILL_ONLY = ("packed", "tight", "star")  # differ from ``mean`` only in the load-aware level fill
 NUM_STEPS = 24  # steps scored per fold and candidate
 MAX_FOLDS = 4
 
@@ -123,13 +127,14 @@ def _weight(seq_loads, idx, kind):
 
 def candidate_layout(weight: torch.Tensor, num_slots: torch.Tensor, G: int, policy: str, *, first_size=None,
                      replica_size=None, capacity=None, fill_all: bool = False, spread=False, pin=False,
-                     pin_dev=None, packed=False, tight=False) -> Layout:
+                     pin_dev=None, packed=False, tight=False, star=False) -> Layout:
     """Replicas + devices for planning loads ``weight [L, E]`` (see module docstring); the keyword
     tensors are per row. ``packed [L]`` rows use the greedy copies + LPT placement whatever the policy."""
     L, E = weight.shape
     packed = torch.as_tensor(packed).expand(L) | (policy != "load-aware")
     per_row = dict(first_size=first_size, replica_size=replica_size, capacity=capacity, spread=spread, pin=pin,
-                   pin_dev=pin_dev, tight=torch.as_tensor(tight).expand(L))
+                   pin_dev=pin_dev, tight=torch.as_tensor(tight).expand(L) | torch.as_tensor(star).expand(L),
+                   star=torch.as_tensor(star).expand(L))
 
     def sub(rows):
         return {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == L else v)
@@ -143,7 +148,7 @@ def candidate_layout(weight: torch.Tensor, num_slots: torch.Tensor, G: int, poli
         if use_fill:
             phy, dev, _, ok = fill_layout(weight[rows], num_slots[rows], G, kw["first_size"], kw["replica_size"],
                                           kw["capacity"], fill_all=fill_all, spread=kw["spread"], pin=kw["pin"],
-                                          pin_dev=kw["pin_dev"], tight=kw["tight"])
+                                          pin_dev=kw["pin_dev"], tight=kw["tight"], star=kw["star"])
         else:
             fs, rs = kw["first_size"], kw["replica_size"]
             size_fn = None if fs is None else (lambda p, fs=fs, rs=rs: _slot_sizes(p, fs, rs))
@@ -205,6 +210,8 @@ def plan_balance(seq_loads: torch.Tensor, num_devices: int, num_slots, original:
     fold, names = make_folds(seq_loads, groups, group_names, per_step, seed, rows_per_seq)
     # load-aware with held-out folds: only the pinned layout is safe on traffic no fold held (module docstring)
     cands = ("pinned",) if policy == "load-aware" and fold is not None else CANDIDATES
+    if policy != "load-aware":  # every candidate is greedy copies + LPT: the fill-only ones are mean's twins
+        cands = tuple(c for c in cands if c not in FILL_ONLY)
     C = len(cands) + 1  # + original
     all_idx = torch.arange(N)
     F = max(len(names), 1)
@@ -224,7 +231,7 @@ def plan_balance(seq_loads: torch.Tensor, num_devices: int, num_slots, original:
                   capacity=None if capacity is None else torch.as_tensor(capacity, dtype=torch.float64).expand(L).repeat(K),
                   fill_all=fill_all, spread=_rows(cands, "spread", L, K), pin=_rows(cands, "pinned", L, K),
                   pin_dev=original.slot_device[:, :E].repeat(K, 1), packed=_rows(cands, "packed", L, K),
-                  tight=_rows(cands, "tight", L, K))
+                  tight=_rows(cands, "tight", L, K), star=_rows(cands, "star", L, K))
     lay = candidate_layout(torch.cat(weights), num_slots.repeat(K), G, policy, **kw_all)
     B = min(st.shape[0] for st in steps)
     nc = F * len(cands) * L

@@ -211,7 +211,8 @@ def build_layout(weight: torch.Tensor, num_slots: torch.Tensor, num_devices: int
     return phy2log, dev, ok
 
 
-def _fill(w, T, num_slots, G, first_size, rep_size, cap, orig_cap=None, pin=None, pin_dev=None, even=None):
+def _fill(w, T, num_slots, G, first_size, rep_size, cap, orig_cap=None, pin=None, pin_dev=None, even=None,
+          star=None):
     """One level-``T`` fill (see ``fill_layout``). Returns ``(expert, device, first [L, S]`` (-1 pad), ``ok [L])``."""
     L, E = w.shape
     S = int(num_slots.max())
@@ -245,6 +246,7 @@ def _fill(w, T, num_slots, G, first_size, rep_size, cap, orig_cap=None, pin=None
     wcap = torch.full((L, 1), float("inf"))
     if even is not None:
         ev = torch.as_tensor(even).expand(L)
+        st = torch.zeros(L, dtype=torch.bool) if star is None else torch.as_tensor(star).expand(L) & ev
         wcap = torch.where(ev, torch.ceil((~split).sum(-1).double() / G), float("inf"))[:, None]
     wholes = torch.zeros(L, G)
     r_min = rep_size.min(-1).values
@@ -281,8 +283,14 @@ def _fill(w, T, num_slots, G, first_size, rep_size, cap, orig_cap=None, pin=None
                 # for the next expert to close the gap (McNaughton's wrap with slot limits)
                 last = used + sz + r_min[:, None] > cap_all
                 fills = rem <= rest[:, None] + tiny[:, None]
-                bonus = torch.where(fills & last, 4.0, torch.where(~fills & ~last, 2.0, 0.0)) * T[:, None]
-                key = torch.where((ev & ~whole)[:, None] & room, key + bonus, key)
+                Tc = T[:, None]
+                wrap = key + torch.where(fills & last, 4.0, torch.where(~fills & ~last, 2.0, 0.0)) * Tc
+                # star rows: a remainder into the device with the least room that takes it and whose
+                # last slot it takes (best fit; no later split expert can share that device), else
+                # pieces that fill the devices with the most room; a remainder that leaves a slot
+                # free (which would chain this expert to the next) only when nothing else is left
+                best = torch.where(~fills & last, 5 * Tc - rem, torch.where(fills, 3 * Tc + rem, rem))
+                key = torch.where((ev & ~whole)[:, None] & room, torch.where(st[:, None], best, wrap), key)
             g = key.argmax(-1)
             hot = (gid == g[:, None]) & go[:, None]
             piece = torch.minimum((rem * hot).sum(-1).clamp(min=0), rest)
@@ -310,7 +318,7 @@ def _fill(w, T, num_slots, G, first_size, rep_size, cap, orig_cap=None, pin=None
 
 def fill_layout(weight: torch.Tensor, num_slots: torch.Tensor, num_devices: int, first_size=None, replica_size=None,
                 capacity=None, fill_all: bool = False, iters: int = 8, spread=False, pin=False, pin_dev=None,
-                tight=False):
+                tight=False, star=False):
     """Replicas and devices for **load-aware** dispatch: fill every device up to one level T.
 
     ``weight [L, E]``; ``num_slots [L]`` the most slots a layer may use; ``first_size`` /
@@ -330,7 +338,14 @@ def fill_layout(weight: torch.Tensor, num_slots: torch.Tensor, num_devices: int,
     device, where a shifted mix that heats them would meet them together). ``pin [L]``: rows whose
     originals stay on their device in ``pin_dev [L, E]`` (default standard EP, ``e * G // E``; only
     the extra copies are placed): with load-aware dispatch such a layout is never busier than the
-    pinned one without copies, whatever the traffic.
+    pinned one without copies, whatever the traffic. ``tight [L]``: rows for few slots per device
+    (at most ``ceil(whole / G)`` unsplit experts per device; split experts wrapped McNaughton-style
+    into the slots left, each remainder closed by the next split expert: a chain of split experts
+    linked device to device). ``star [L]`` (tight rows only): split experts' remainders best-fit
+    into devices whose last slot they take instead, so split experts seldom share a device and each
+    forms a star with the unsplit experts beside it. The load-aware split balances a star in one
+    pour, a chain only over many Gauss-Seidel rounds (Zipf s=1, E=64, G=64, 2 slots per device:
+    the wrap fills to 1.004 x mean yet the 12-round split reaches 1.064; the star fill 1.008 and 1.007).
     """
     w = weight.double()
     L, E = w.shape
@@ -350,14 +365,16 @@ def fill_layout(weight: torch.Tensor, num_slots: torch.Tensor, num_devices: int,
     pn = pin if pin.any() else None
     tight = torch.as_tensor(tight).expand(L)
     tt = tight if tight.any() else None
-    best = _fill(w, hi, num_slots, G, first_size, replica_size, cap, oc, pn, pin_dev, tt)
-    two = _fill(w, 2 * mean, num_slots, G, first_size, replica_size, cap, oc, pn, pin_dev, tt)  # a tighter bracket when it fits
+    star = torch.as_tensor(star).expand(L) & tight
+    mode = dict(even=tt, star=star if star.any() else None)
+    best = _fill(w, hi, num_slots, G, first_size, replica_size, cap, oc, pn, pin_dev, **mode)
+    two = _fill(w, 2 * mean, num_slots, G, first_size, replica_size, cap, oc, pn, pin_dev, **mode)  # a tighter bracket when it fits
     feas = two[3] & (2 * mean < hi)
     hi = torch.where(feas, 2 * mean, hi)
     best = tuple(torch.where(feas.view(L, *([1] * (b.dim() - 1))), g, b) for g, b in zip(two, best))
     for _ in range(iters):
         mid = (lo + hi) / 2
-        got = _fill(w, mid, num_slots, G, first_size, replica_size, cap, oc, pn, pin_dev, tt)
+        got = _fill(w, mid, num_slots, G, first_size, replica_size, cap, oc, pn, pin_dev, **mode)
         feas = got[3]
         hi = torch.where(feas, mid, hi)
         lo = torch.where(feas, lo, mid)

@@ -72,3 +72,46 @@ def test_assign_slots_realises_the_split():
     phy = assign_slots(topk, log2phy, logcnt, sc)
     assert torch.equal(torch.bincount(phy.flatten(), minlength=24), sc)
     assert torch.equal(phy2log[phy], topk)
+
+
+def _brute_min_max(counts, devsets, fixed, G):
+    """Least device max over every integer split of ``counts[e]`` over ``devsets[e]``, on ``fixed [G]``."""
+    def splits(n, k):
+        return [a for a in itertools.product(range(n + 1), repeat=k) if sum(a) == n]
+    best = None
+    for combo in itertools.product(*(splits(int(n), len(d)) for n, d in zip(counts, devsets))):
+        load = list(fixed)
+        for a, d in zip(combo, devsets):
+            for x, g in zip(a, d):
+                load[g] += x
+        best = max(load) if best is None else min(best, max(load))
+    return best
+
+
+def test_load_aware_split_is_min_max_on_star_layouts():
+    # replicated experts on disjoint device sets, each beside single-slot experts ("stars", what the
+    # planner's star fill builds): every pour is then the exact min-max, in the first pass
+    g = torch.Generator().manual_seed(4)
+    for trial in range(40):
+        G = int(torch.randint(3, 6, (), generator=g))
+        perm = torch.randperm(G, generator=g).tolist()
+        cuts = sorted(torch.randperm(G - 1, generator=g)[: int(torch.randint(0, 3, (), generator=g))].add(1).tolist())
+        groups = [perm[a:b] for a, b in zip([0] + cuts, cuts + [G])]
+        multi = [grp for grp in groups if len(grp) >= 2]
+        E_s = int(torch.randint(1, 5, (), generator=g))
+        phy2log, slot_device = [], []
+        for i, grp in enumerate(multi):
+            phy2log += [i] * len(grp)
+            slot_device += grp
+        for j in range(E_s):
+            phy2log.append(len(multi) + j)
+            slot_device.append(int(torch.randint(0, G, (), generator=g)))
+        E = len(multi) + E_s
+        phy2log, slot_device = torch.tensor(phy2log), torch.tensor(slot_device)
+        logcnt, log2phy = slot_maps(phy2log, E)
+        counts = torch.randint(0, 9, (1, E), generator=g)
+        sc = load_aware_split(counts, log2phy, logcnt, slot_device, G, rounds=0)
+        got = int(torch.zeros(G, dtype=torch.int64).index_add_(0, slot_device, sc[0]).max())
+        single = phy2log >= len(multi)
+        fixed = torch.zeros(G, dtype=torch.int64).index_add_(0, slot_device[single], counts[0, phy2log[single]])
+        assert got == _brute_min_max(counts[0, : len(multi)].tolist(), multi, fixed.tolist(), G), trial

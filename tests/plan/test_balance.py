@@ -185,6 +185,48 @@ def test_tight_fill_reaches_a_lower_level_with_two_slots_per_device():
     assert float(level) <= 1.01 < float(plain)
 
 
+def test_star_fill_is_what_the_runtime_split_balances():
+    # Same two-slots-a-device case. The tight fill's chain of split experts (each remainder closed by
+    # the next split expert) fills to ~1.004 but the 12-round Gauss-Seidel split only reaches ~1.06
+    # on it; the star fill keeps split experts off each other's devices and the split reaches its level.
+    E, G, P = 64, 64, 128
+    w = (1.0 / torch.arange(1, E + 1, dtype=torch.float64))[torch.randperm(E, generator=torch.Generator().manual_seed(0))]
+    counts = (w * 1e6).round().long()[None, None]
+
+    def split_score(phy, dev):
+        return float(max_over_mean(step_device_loads(counts, phy, dev, G, "load-aware"))[0, 0])
+
+    phy_w, dev_w, _, _ = fill_layout(w[None] * 1e6, torch.tensor([P]), G, fill_all=True, tight=True)
+    phy, dev, level, ok = fill_layout(w[None] * 1e6, torch.tensor([P]), G, fill_all=True, tight=True, star=True)
+    assert bool(ok) and torch.equal(phy[0, :E], torch.arange(E))
+    assert torch.equal(torch.bincount(dev[0], minlength=G), torch.full((G,), P // G))
+    assert (phy[0] * G + dev[0]).unique().numel() == P, "copies of one expert share a device"
+    star = split_score(phy, dev)
+    assert float(level) <= 1.01 and star <= float(level) + 1e-3
+    assert star + 0.03 < split_score(phy_w, dev_w)
+
+
+def test_round_robin_plan_skips_only_the_fill_twins():
+    # under round-robin the fill-only candidates are the mean candidate's layout; planning without
+    # them picks what planning with them picked (ties go to the earlier candidate, mean)
+    import rq_tool.plan.balance as bal
+
+    N, L, E, G = 16, 3, 16, 4
+    seq = torch.randint(0, 9, (N, L, E), generator=torch.Generator().manual_seed(6)) * (1 + 5 * (torch.arange(E) < 3))
+    orig = Layout(*contiguous_layout(L, E, G))
+    got = plan_balance(seq, G, 20, orig, policy="round-robin", per_step=4, fill_all=True)
+    assert not set(got.ratio) & set(bal.FILL_ONLY)
+    saved = bal.FILL_ONLY
+    try:
+        bal.FILL_ONLY = ()
+        full = plan_balance(seq, G, 20, orig, policy="round-robin", per_step=4, fill_all=True)
+    finally:
+        bal.FILL_ONLY = saved
+    assert torch.equal(full.layout.phy2log, got.layout.phy2log) and torch.equal(full.layout.slot_device, got.layout.slot_device)
+    for c in saved:
+        assert full.ratio[c] == full.ratio["mean"]
+
+
 def test_plan_table_reports_per_device_memory_of_the_placement():
     """The plan table's per-device memory is the placement's own bytes: recomputed here from slot_device."""
     from rq_tool.plan.ep_plan import plan_ep

@@ -36,8 +36,11 @@ def plan_inputs(profile: Profile, layout: ExpertLayout, schemes, importance: str
     # a "cheaper" scheme must store fewer bytes than keeping the expert (int8 does not, beside fp8)
     schemes = [s for s in schemes if s != keep and layout.expert_bytes(s) < layout.expert_bytes(keep)]
     if not schemes:
+        from ..quant import QUANT_SCHEMES
+
+        smaller = [s for s in QUANT_SCHEMES if layout.expert_bytes(s) < layout.expert_bytes(keep)]
         raise RQError(f"--schemes: no scheme smaller than the model's own {keep} experts to quantize to "
-                      "(give e.g. int8,nf4)")
+                      f"(give {','.join(smaller) or 'a smaller scheme'})")
     names = [keep, *schemes]
     load = profile.load_matrix().double()
     L, E = load.shape

@@ -128,3 +128,11 @@ def test_other_fp8_sources_are_dequantized_and_say_why(tmp_path, block, kw, why)
     layout = read_layout(ckpt, family)
     assert not layout.fp8_kept and layout.keep_scheme == layout.source_scheme
     assert why in fp8_keepable(ckpt, family, layout.intermediate_size)
+
+
+def test_int8_alone_is_refused_beside_fp8_with_the_scheme_that_fits(kept):
+    from rq_tool.errors import RQError
+
+    root = kept("qwen3_moe")
+    with pytest.raises(RQError, match=r"no scheme smaller than the model's own fp8 experts.*give nf4"):
+        rq_tool.rewrite(root / "src", root / "p.json", None, schemes=("int8",), progress=False, dry_run=True)

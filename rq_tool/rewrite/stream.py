@@ -207,8 +207,8 @@ def write_layer(writer: ShardWriter, prefix: str, lmap: LayerMap, layout: Expert
         if scheme == "fp8" and layout.fp8_kept:  # an FP8 source's own float8 bytes; its block scales as fp32
             for mat in ("gate_up", "down"):
                 writer.add(f"{prefix}fp8_{mat}", [r.parts["q"] for e in ids for r in experts[e][mat]])
-                writer.add(f"{prefix}fp8_{mat}_scale_inv",
-                           [lambda r=r: _fp8_scale(r) for e in ids for r in experts[e][mat]])
+                rows = [r for e in ids for r in experts[e][mat]]  # one chunk: the whole (small) scale grid
+                writer.add(f"{prefix}fp8_{mat}_scale_inv", lambda rows=rows: torch.cat([_fp8_scale(r) for r in rows]))
             continue
         uses = {e: ids.count(e) for e in dict.fromkeys(ids)}
         sch = get_scheme(scheme)  # quantize() -> {"w"} (float) or {"q", "scale" | "absmax"}

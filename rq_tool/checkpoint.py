@@ -46,6 +46,19 @@ class TensorInfo:
         return math.prod(self.shape) * DTYPES[self.dtype][1]
 
 
+@dataclass(frozen=True)
+class FileSpan:
+    """A chunk whose bytes are stored as they are in a file: ``nbytes`` at ``offset`` of ``path``;
+    ``tensor`` is the same bytes (a memory-mapped view), hashed, and written where the kernel cannot
+    copy file to file. The rewrite's shard writer copies a span with ``os.sendfile``: page cache to page cache, no
+    copy through (or page faults on) this process's memory."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    tensor: torch.Tensor
+
+
 def inside(root: Path, name, where: str) -> Path:
     """``root / name`` for a relative ``name`` that stays inside ``root``; RQError otherwise."""
     if not isinstance(name, str) or not name or "\x00" in name:
@@ -96,6 +109,12 @@ def shard_files(root: Path) -> list[Path]:
 
 def read_header(shard: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{key: (shape, dtype)}`` of one shard, every entry checked against the file's size."""
+    return {key: (shape, dtype) for key, (shape, dtype, _) in header_entries(shard).items()}
+
+
+def header_entries(shard: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """``{key: (shape, dtype, offset)}`` of one shard (``offset``: where the tensor's bytes start in
+    the file), every entry checked against the file's size."""
     size = shard.stat().st_size
     try:
         with shard.open("rb") as f:
@@ -126,24 +145,27 @@ def read_header(shard: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         if not ok:
             raise RQError(f"{shard}: corrupt safetensors header entry {key[:80]!r}")
         end = max(end, stop)
-        out[key] = (shape, dtype)
+        out[key] = (shape, dtype, 8 + n + start)
     if 8 + n + end > size:
         raise RQError(f"{shard}: truncated safetensors file ({size} bytes, header needs {8 + n + end})")
     return out
 
 
 class SafetensorsCheckpoint:
-    """All tensors of a model directory: ``key -> TensorInfo``, in shard order, headers checked."""
+    """All tensors of a model directory: ``key -> TensorInfo``, in shard order, headers checked;
+    ``offsets``: key -> where its bytes start in its shard file."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.shards = shard_files(self.path)
         self.tensors: dict[str, TensorInfo] = {}
+        self.offsets: dict[str, int] = {}
         for shard in self.shards:
-            for key, (shape, dtype) in read_header(shard).items():
+            for key, (shape, dtype, offset) in header_entries(shard).items():
                 if key in self.tensors:
                     raise RQError(f"{shard.name}: tensor {key!r} also appears in {self.tensors[key].shard.name}")
                 self.tensors[key] = TensorInfo(shard, shape, dtype)
+                self.offsets[key] = offset
 
     def keys_by_shard(self) -> dict[Path, list[str]]:
         out: dict[Path, list[str]] = {s: [] for s in self.shards}

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from . import defaults
 from .arch import MoEFamily, get_family
-from .checkpoint import INDEX_FILE, SafetensorsCheckpoint, TensorInfo
+from .checkpoint import INDEX_FILE, FileSpan, SafetensorsCheckpoint, TensorInfo
 from .errors import RQError, read_json
 from .quant.sources import SourceQuant, StoredTensor, read_source_quant
 
@@ -107,6 +107,11 @@ class CheckpointReader:
             raise
         except Exception as e:  # safetensors errors on a damaged shard
             raise RQError(f"{shard}: cannot read tensors ({type(e).__name__}: {e})") from None
+
+    def span(self, key: str) -> FileSpan:
+        """The stored tensor as a ``FileSpan`` (its bytes' place in its shard, and the mapped tensor)."""
+        info = self.ckpt.stored[key]
+        return FileSpan(info.shard, self.ckpt.offsets[key], info.nbytes, self.stored(key))
 
     def logical(self, key: str) -> torch.Tensor:
         st = self.ckpt.tensors[key].stored

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import queue
+import sys
 import threading
 from collections import deque
 from concurrent.futures import Executor, Future
@@ -17,6 +20,7 @@ import torch
 
 from .. import __version__, defaults
 from ..checkpoint import TORCH_TO_ST as _ST_DTYPES
+from ..checkpoint import FileSpan
 from ..errors import RQError
 
 _METADATA = '"__metadata__":{"format":"pt"}'
@@ -64,7 +68,10 @@ def _header(shard: list[tuple[Entry, int]]) -> bytes:
     return len(body).to_bytes(8, "little") + body
 
 
-Chunk = Union[torch.Tensor, Callable[[], torch.Tensor]]
+Chunk = Union[torch.Tensor, FileSpan, Callable[[], torch.Tensor]]
+
+# errors that mean "this kernel / file system cannot sendfile file to file": write the bytes instead
+_NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
 class ShardWriter:
@@ -93,6 +100,8 @@ class ShardWriter:
         self.total_bytes = sum(e.nbytes for shard in self.shards for e, _ in shard)
         self.digests: dict[str, str] = {}
         self._order = [(si, e) for si, shard in enumerate(self.shards) for e, _ in shard]
+        self._sendfile = sys.platform.startswith("linux") and hasattr(os, "sendfile")
+        self._src_fds: dict[Path, int] = {}
         self._next = 0
         self._limit = inflight_bytes
         self._pool, self._prefetch = pool, max(1, prefetch)
@@ -185,8 +194,15 @@ class ShardWriter:
                     self._hashq.put((si, memoryview(head), 0))
                 written = 0
                 for i, t in enumerate(self._resolved(chunks)):
-                    buf = _bytes(t, entry, i)
-                    f.write(buf)
+                    if isinstance(t, FileSpan):
+                        buf = _bytes(t.tensor, entry, i)
+                        if len(buf) != t.nbytes:
+                            raise AssertionError(f"ShardWriter: {entry.key} chunk {i} spans {t.nbytes} bytes, its tensor {len(buf)}")
+                        if not self._send(f, t):
+                            f.write(buf)
+                    else:
+                        buf = _bytes(t, entry, i)
+                        f.write(buf)
                     written += len(buf)
                     self._hashq.put((si, buf, entry.nbytes if i == len(chunks) - 1 else 0))
                 if written != entry.nbytes:
@@ -199,7 +215,33 @@ class ShardWriter:
         finally:
             if f is not None and not f.closed:
                 f.close()
+            for fd in self._src_fds.values():
+                os.close(fd)
+            self._src_fds.clear()
             self._hashq.put(None)
+
+    def _send(self, f, span: FileSpan) -> bool:
+        """Copy ``span`` into ``f`` at its position with ``os.sendfile``; False (nothing written) where
+        the kernel cannot, and from then on the writer writes the span's tensor instead."""
+        if not self._sendfile or not span.nbytes:
+            return False
+        fd = self._src_fds.get(span.path)
+        if fd is None:
+            fd = self._src_fds[span.path] = os.open(span.path, os.O_RDONLY)
+        f.flush()
+        out, done = f.fileno(), 0
+        while done < span.nbytes:
+            try:
+                n = os.sendfile(out, fd, span.offset + done, span.nbytes - done)
+            except OSError as e:
+                if done == 0 and e.errno in _NO_SENDFILE:
+                    self._sendfile = False
+                    return False
+                raise
+            if n == 0:
+                raise OSError(errno.EIO, f"{span.path} ended {span.nbytes - done} bytes early (changed while rq read it?)")
+            done += n
+        return True
 
     def _resolved(self, chunks: list[Chunk]):
         """The chunks' tensors in order; callables run on the pool, ``prefetch`` chunks ahead."""

@@ -9,7 +9,7 @@ expert intermediate size.
    list of output tensors (key, dtype, shape), so ``ShardWriter`` writes each header first and
    hashes while it writes.
 2. ``write_steps``: the same steps with data. A slot kept in the source scheme is written straight
-   from the source's memory-mapped tensors (no stacking, no copy), and so is an FP8 source's expert
+   from the source file (``FileSpan``: sendfile, page cache to page cache; no stacking), and so is an FP8 source's expert
    kept as an ``fp8`` slot (its float8 bytes; its block scales as fp32); a quantized (or converted) slot
    matrix, and a quantized source's expert (dequantized on demand), is a callable that the writer
    runs on its worker pool a few chunks ahead of the write (replicas of an expert in one scheme
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import DTYPES
+from ..checkpoint import DTYPES, FileSpan
 from ..errors import RQError
 from ..kernels.slots import group_shapes, scheme_kind
 from ..quant import get_scheme
@@ -127,23 +127,27 @@ def write_steps(steps: list[Step], expected, ckpt: SourceCheckpoint, family, lay
                 rmap: RoutingMap, writer: ShardWriter, bar=None) -> None:
     """Read, transform and queue every planned tensor (see the module docstring)."""
     assemblers = {layer: LayerAssembler(layer, keys, family, layout.num_experts) for layer, keys in expected.items()}
+    spans: dict[int, dict[int, FileSpan]] = {layer: {} for layer in expected}  # id(stored tensor) -> its span
     quant = ckpt.quant
     with ckpt.reader() as rd:
         for step in steps:
             if step.kind == "copy":
-                writer.add(family.runtime_key(step.key), rd.stored(step.key))
+                writer.add(family.runtime_key(step.key), rd.span(step.key))
                 if bar is not None:
                     bar.update(1)
             elif step.kind == "expert":
                 st = ckpt.tensors[step.key].stored
-                parts = {role: rd.stored(k) for role, k in st.parts.items()}  # memory-mapped views
+                stored = {role: rd.span(k) for role, k in st.parts.items()}
+                parts = {role: sp.tensor for role, sp in stored.items()}  # memory-mapped views
+                spans[step.layer].update((id(sp.tensor), sp) for sp in stored.values())
                 value = parts["w"] if st.method is None else StoredExpert(quant, st, parts)
                 assemblers[step.layer].add(step.key, family.parse_expert_key(step.key), value)
                 if bar is not None:
                     bar.update(len(parts))
             else:
                 asm = assemblers.pop(step.layer)
-                write_layer(writer, _slot_prefix(family, layout, step.layer), rmap.layer(step.layer), layout, asm)
+                write_layer(writer, _slot_prefix(family, layout, step.layer), rmap.layer(step.layer), layout, asm,
+                            spans.pop(step.layer))
 
 
 class StoredExpert:
@@ -187,26 +191,33 @@ class _Memo:
             return t
 
 
-def _lazy(x):
-    """A writer chunk: a tensor as is; anything lazy as a callable the writer resolves in order."""
-    return x if isinstance(x, torch.Tensor) else (lambda: resolve(x))
+def _lazy(x, spans: dict[int, FileSpan]):
+    """A writer chunk: a stored tensor as its ``FileSpan`` (copied file to file), another tensor as
+    is, anything lazy as a callable the writer resolves in order."""
+    if isinstance(x, torch.Tensor):
+        span = spans.get(id(x))
+        return span if span is not None and span.tensor is x else x
+    return lambda: resolve(x)
 
 
-def write_layer(writer: ShardWriter, prefix: str, lmap: LayerMap, layout: ExpertLayout, asm: LayerAssembler) -> None:
+def write_layer(writer: ShardWriter, prefix: str, lmap: LayerMap, layout: ExpertLayout, asm: LayerAssembler,
+                spans: dict[int, FileSpan] | None = None) -> None:
     """Queue one layer's slot tensors (the order of ``layer_entries``). Nothing is computed here:
     quantized (or converted) matrices are callables the writer runs on its worker pool, a few
-    chunks ahead of the write, so memory holds a window of them, not the layer."""
+    chunks ahead of the write, so memory holds a window of them, not the layer. ``spans``: the
+    layer's stored tensors (by ``id``) as file spans: a slot kept as stored is copied file to file."""
+    spans = spans or {}
     asm.check()
     experts = [asm.expert(e) for e in range(layout.num_experts)]
     for scheme, ids in _groups(lmap):
         kind = scheme_kind(scheme)
         if kind == "float" and scheme == layout.source_scheme:  # the source's own bytes, slot by slot
             for mat in ("gate_up", "down"):
-                writer.add(f"{prefix}{scheme}_{mat}", [_lazy(r) for e in ids for r in experts[e][mat]])
+                writer.add(f"{prefix}{scheme}_{mat}", [_lazy(r, spans) for e in ids for r in experts[e][mat]])
             continue
         if scheme == "fp8" and layout.fp8_kept:  # an FP8 source's own float8 bytes; its block scales as fp32
             for mat in ("gate_up", "down"):
-                writer.add(f"{prefix}fp8_{mat}", [r.parts["q"] for e in ids for r in experts[e][mat]])
+                writer.add(f"{prefix}fp8_{mat}", [_lazy(r.parts["q"], spans) for e in ids for r in experts[e][mat]])
                 rows = [r for e in ids for r in experts[e][mat]]  # one chunk: the whole (small) scale grid
                 writer.add(f"{prefix}fp8_{mat}_scale_inv", lambda rows=rows: torch.cat([_fp8_scale(r) for r in rows]))
             continue
@@ -224,4 +235,4 @@ def write_layer(writer: ShardWriter, prefix: str, lmap: LayerMap, layout: Expert
                 writer.add(f"{prefix}{scheme}_{name}", [lambda m=memo[e], part=part: m.part(part) for e in ids])
     if layout.has_bias:
         for name in ("gate_up_bias", "down_bias"):
-            writer.add(prefix + name, [_lazy(r) for e in lmap.phy2log.tolist() for r in experts[e][name]])
+            writer.add(prefix + name, [_lazy(r, spans) for e in lmap.phy2log.tolist() for r in experts[e][name]])

@@ -74,3 +74,40 @@ def test_cyclic_gc_paused_only_during_the_stream(monkeypatch):
         writer._stream(type("C", (), {"stored": {}})(), None, None, None, __import__("pathlib").Path("/nonexistent-rq"),
                        1 << 20, False, 1)
     assert seen == [False] and gc.isenabled()
+
+
+def test_stored_bytes_are_copied_file_to_file_and_equal_the_written_fallback(tmp_path, monkeypatch, one_thread):
+    """Tensors copied as stored (non-expert tensors, slots kept in the source precision) go through
+    ``os.sendfile``; where the kernel refuses it (EINVAL, e.g. an old kernel or file system) the writer
+    writes the mapped bytes instead, and both give the same files and a manifest that verifies."""
+    import errno
+    import os
+
+    from rq_tool.rewrite import shards
+    from rq_tool.rewrite.verify import verify
+
+    src = save_tiny("qwen3_moe", tmp_path / "src", dtype=torch.bfloat16)
+    write_texts(tmp_path / "t.jsonl", 40)
+    prof = rq_tool.calibrate(src, str(tmp_path / "t.jsonl"), num_samples=8, seq_len=32, progress=False)
+    real, calls = os.sendfile, []
+
+    def counting(out, fd, offset, count):
+        calls.append(real(out, fd, offset, min(count, 4096)))  # short transfers: the writer must loop
+        return calls[-1]
+
+    monkeypatch.setattr(shards.os, "sendfile", counting)
+    rq_tool.rewrite(src, prof, tmp_path / "a", strategy="replicate-only", shard_bytes=64 << 10, progress=False)
+    stored = sum(info.nbytes for info in SourceCheckpoint(src).stored.values())
+    assert sum(calls) >= stored  # every stored tensor (and each replica again) file to file
+
+    def refuse(*a):
+        raise OSError(errno.EINVAL, "sendfile not supported here")
+
+    monkeypatch.setattr(shards.os, "sendfile", refuse)
+    rq_tool.rewrite(src, prof, tmp_path / "b", strategy="replicate-only", shard_bytes=64 << 10, progress=False)
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    assert len(names) > 1 and names == sorted(p.name for p in (tmp_path / "b").glob("*.safetensors"))
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    for out in ("a", "b"):
+        assert verify(tmp_path / out) == []

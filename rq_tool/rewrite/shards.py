@@ -80,7 +80,8 @@ class ShardWriter:
     Every output tensor is known up front (``entries``, in order), so each shard's header is written
     first and the file is produced front to back: a writer thread writes, a hash thread computes the
     shard's hash (``defaults.MANIFEST_HASH``) over the same buffers (no read-back for the manifest). ``add(key, chunks)`` queues
-    the next entry's bytes as a tensor or a list of chunks (tensors, or callables returning one)
+    the next entry's bytes as a tensor or a list of chunks (tensors, ``FileSpan``s of bytes kept as
+    stored, copied file to file, or callables returning a tensor)
     whose bytes in order form the tensor -- so a replica is written straight from the source's
     memory-mapped tensors, never copied into a stacked buffer first. Callables run on ``pool`` (if
     given) up to ``prefetch`` chunks ahead of the write: quantizing overlaps with I/O. At most
